@@ -1,0 +1,73 @@
+"""The games (DESIGN §1): Frozen Lake 3×3 and Sokoban 6×6 as gymnasium envs, the text protocol
+(:class:`TextGame`), action parsing, BFS solvers and seed lists. Torch-free by design.
+
+Importing this package registers ``oel/FrozenLake3x3-v0`` and ``oel/Sokoban6x6-v0`` with
+gymnasium (idempotently, so re-imports and reloads are harmless).
+"""
+
+from __future__ import annotations
+
+import gymnasium
+
+from .frozen_lake import FrozenLake3x3Env, FrozenLakeState
+from .parsing import ACTIONS, ALIASES, action_id, parse_action
+from .protocol import LOG_SEPARATOR, TextGame, join_blocks
+from .seeds import heldout_seeds, train_seed
+from .sokoban import Sokoban6x6Env, SokobanState
+from .solvers import optimal_actions, shortest_solution, solution_length
+
+GAMES: dict[str, str] = {
+    "frozenlake": "oel/FrozenLake3x3-v0",
+    "sokoban": "oel/Sokoban6x6-v0",
+}
+
+_ENTRY_POINTS = {
+    "oel/FrozenLake3x3-v0": "oel_hpc.games.frozen_lake:FrozenLake3x3Env",
+    "oel/Sokoban6x6-v0": "oel_hpc.games.sokoban:Sokoban6x6Env",
+}
+
+
+def register_games() -> None:
+    """Register both envs with gymnasium unless already registered."""
+    for env_id, entry_point in _ENTRY_POINTS.items():
+        if env_id not in gymnasium.envs.registry:
+            gymnasium.register(id=env_id, entry_point=entry_point)
+
+
+register_games()
+
+
+def make_game(name: str, seed: int, max_calls: int = 5) -> TextGame:
+    """A :class:`TextGame` for ``name`` (a key of :data:`GAMES`), already reset with ``seed``
+    (so ``game_log`` shows the first board). ``reset(seed=seed)`` replays the same board."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in GAMES:
+        raise ValueError(f"unknown game {name!r}; allowed names: {', '.join(sorted(GAMES))}")
+    # The env checker runs in the tests (check_env); skip its per-instance wrapper in rollouts.
+    env = gymnasium.make(GAMES[key], disable_env_checker=True)
+    game = TextGame(env, max_calls=max_calls)
+    game.reset(seed=seed)
+    return game
+
+
+__all__ = [
+    "ACTIONS",
+    "ALIASES",
+    "GAMES",
+    "LOG_SEPARATOR",
+    "FrozenLake3x3Env",
+    "FrozenLakeState",
+    "Sokoban6x6Env",
+    "SokobanState",
+    "TextGame",
+    "action_id",
+    "heldout_seeds",
+    "join_blocks",
+    "make_game",
+    "optimal_actions",
+    "parse_action",
+    "register_games",
+    "shortest_solution",
+    "solution_length",
+    "train_seed",
+]

@@ -1,0 +1,179 @@
+"""Frozen Lake 3×3: the paper's small grid-navigation game.
+
+Rules (DESIGN §1): 3×3 grid, the player starts top-left, the goal is bottom-right, exactly two
+holes lie among the other seven cells, resampled until a hole-free path exists. Falling into a
+hole ends the game with reward 0; reaching the goal ends it with reward 1. Moving off the grid
+leaves the player in place but still counts as a move (the text protocol counts model calls).
+
+Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
+told to the model: inferring them is what experience is for):
+
+    P  player            _  frozen (safe) cell
+    H  hole              G  goal
+
+e.g. ``"P _ H\\n_ _ _\\nH _ G"``. When the player stands on the goal or in a hole, the cell shows
+``P`` and the message says what happened.
+
+Game logic lives in pure functions of an immutable :class:`FrozenLakeState` so the env, the
+BFS solver (``solvers.py``) and any offline re-play share one implementation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import gymnasium
+from gymnasium import spaces
+
+from .parsing import ACTIONS
+
+SIZE = 3
+N_HOLES = 2
+START = (0, 0)
+GOAL = (SIZE - 1, SIZE - 1)
+CHARSET = "PHG_ \n"
+#: length of a rendered board: SIZE rows of (2*SIZE-1) chars plus SIZE-1 newlines.
+BOARD_CHARS = SIZE * (2 * SIZE - 1) + SIZE - 1
+
+MOVES: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+
+MSG_RESET = "New game."
+MSG_EDGE = "You hit the edge and stayed in place."
+MSG_HOLE = "You fell into a hole. Game over."
+MSG_GOAL = "You reached the goal!"
+
+
+class FrozenLakeState(NamedTuple):
+    """Complete, hashable game state: the solver needs nothing else."""
+
+    player: tuple[int, int]
+    holes: tuple[tuple[int, int], ...]
+    size: int = SIZE
+
+    @property
+    def goal(self) -> tuple[int, int]:
+        return (self.size - 1, self.size - 1)
+
+
+class Transition(NamedTuple):
+    state: FrozenLakeState
+    reward: float
+    terminated: bool
+    message: str
+
+
+def is_solved(state: FrozenLakeState) -> bool:
+    return state.player == state.goal
+
+
+def is_lost(state: FrozenLakeState) -> bool:
+    return state.player in state.holes
+
+
+def transition(state: FrozenLakeState, action: int) -> Transition:
+    """Apply one action id (index into ``ACTIONS``) to a non-terminal state."""
+    word = ACTIONS[action]
+    dr, dc = MOVES[word]
+    r, c = state.player[0] + dr, state.player[1] + dc
+    if not (0 <= r < state.size and 0 <= c < state.size):
+        return Transition(state, 0.0, False, MSG_EDGE)
+    new = state._replace(player=(r, c))
+    if is_lost(new):
+        return Transition(new, 0.0, True, MSG_HOLE)
+    if is_solved(new):
+        return Transition(new, 1.0, True, MSG_GOAL)
+    return Transition(new, 0.0, False, f"You moved {word}.")
+
+
+def render(state: FrozenLakeState) -> str:
+    rows = []
+    for r in range(state.size):
+        row = []
+        for c in range(state.size):
+            cell = (r, c)
+            if cell == state.player:
+                row.append("P")
+            elif cell in state.holes:
+                row.append("H")
+            elif cell == state.goal:
+                row.append("G")
+            else:
+                row.append("_")
+        rows.append(" ".join(row))
+    return "\n".join(rows)
+
+
+def path_exists(holes: tuple[tuple[int, int], ...], size: int = SIZE) -> bool:
+    """Flood fill from the start avoiding holes (kept separate from the BFS solver on purpose,
+    so the solver's tests check the generator independently)."""
+    goal = (size - 1, size - 1)
+    seen, stack = {START}, [START]
+    while stack:
+        r, c = stack.pop()
+        if (r, c) == goal:
+            return True
+        for dr, dc in MOVES.values():
+            n = (r + dr, c + dc)
+            if 0 <= n[0] < size and 0 <= n[1] < size and n not in holes and n not in seen:
+                seen.add(n)
+                stack.append(n)
+    return False
+
+
+def generate(rng) -> FrozenLakeState:
+    """Sample a map from a numpy Generator; resample the holes until the goal is reachable."""
+    cells = [(r, c) for r in range(SIZE) for c in range(SIZE) if (r, c) not in (START, GOAL)]
+    while True:
+        idx = rng.choice(len(cells), size=N_HOLES, replace=False)
+        holes = tuple(sorted(cells[int(i)] for i in idx))
+        if path_exists(holes):
+            return FrozenLakeState(player=START, holes=holes)
+
+
+class FrozenLake3x3Env(gymnasium.Env):
+    """Gymnasium env: ``Discrete(4)`` actions (``ACTIONS`` order), board text observations.
+
+    ``info`` carries ``"message"`` (a short factual game message) and ``"state"``
+    (a :class:`FrozenLakeState` for the solver). The map is a pure function of the reset seed.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+    game_name = "frozenlake"
+
+    def __init__(self, render_mode: str | None = None):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.render_mode = render_mode
+        self.action_space = spaces.Discrete(len(ACTIONS))
+        self.observation_space = spaces.Text(
+            max_length=BOARD_CHARS, min_length=BOARD_CHARS, charset=CHARSET
+        )
+        self._state: FrozenLakeState | None = None
+        self._done = False
+
+    @property
+    def state(self) -> FrozenLakeState:
+        if self._state is None:
+            raise RuntimeError("call reset() first")
+        return self._state
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._state = generate(self.np_random)
+        self._done = False
+        return render(self._state), {"message": MSG_RESET, "state": self._state}
+
+    def step(self, action):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        if self._done:
+            raise RuntimeError("the game is over; call reset()")
+        if not self.action_space.contains(action):
+            raise ValueError(f"invalid action {action!r}; expected an int in [0, {len(ACTIONS)})")
+        t = transition(self._state, int(action))
+        self._state, self._done = t.state, t.terminated
+        info = {"message": t.message, "state": t.state}
+        return render(t.state), t.reward, t.terminated, False, info
+
+    def render(self) -> str:
+        return render(self.state)
