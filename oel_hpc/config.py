@@ -1,0 +1,296 @@
+"""The configuration schema (structured configs registered with Hydra) and its validation.
+
+The YAML groups in `conf/` fill these dataclasses; OmegaConf type-checks every override against them. `validate`
+then checks what types cannot: values in range, files that must exist, cross-field limits. It runs before any
+stage starts, so bad input costs nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+ASSETS_DIR = PACKAGE_DIR / "assets"
+GROUPS = ("env", "model", "engine", "trainer", "cluster", "experiment", "prompts")
+
+
+class ConfigError(ValueError):
+    """Bad input: `key` names the config key or file at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    max_new_tokens: int = 1024
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny-frozenlake"
+    root: str = "runs"
+    overwrite: bool = False  # a finished stage whose config changed is redone instead of refused
+
+
+@dataclass
+class PipelineConfig:
+    rounds: int = 1
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # a Hugging Face folder, or a hub id resolved from the local cache
+    thinking: bool = False  # Qwen3 thinking mode (`enable_thinking` of its chat template)
+    dtype: str = "float32"
+
+
+@dataclass
+class EnvConfig:
+    name: str = MISSING  # a key of oel_hpc.games.GAMES
+    max_turns: int = 5  # model calls per game; invalid moves use calls too
+
+
+@dataclass
+class PromptsConfig:
+    name: str = MISSING
+    system: Optional[str] = None
+    game_turn: str = MISSING  # {actions} {experience_block} {game_log}
+    experience_block: str = MISSING  # {experience}
+    extractor: str = MISSING  # {history} {outcome} {previous_block} {marker}
+    extractor_previous_block: str = MISSING  # {experience}
+    extractor_turn: str = MISSING  # {turn} {observation} {response}
+    omitted_turns: str = MISSING  # stands in for game-log blocks dropped to fit the budget
+    tokens_per_turn: int = 512  # turn budget = experience cap + tokens_per_turn × env.max_turns
+
+
+@dataclass
+class ExperienceConfig:
+    marker: str = "- "
+    max_tokens: int = 2048  # cap on the accumulated text; the newest complete items are kept
+
+
+@dataclass
+class ExtractConfig:
+    seeds: int = 10
+    steps: int = 100
+    use_step: int = 50  # gather takes experience_<use_step> of every seed
+    show_previous: bool = True  # the extractor sees the experience gathered so far
+    eval_games: int = 0  # held-out games played with the current experience each step (scores curve); 0 = off
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20))
+
+
+@dataclass
+class GatherConfig:
+    # Experience from elsewhere instead of extraction, for every round: a JSON list as gather writes it, or a text
+    # file naming one experience file per line. None = gather what this run's extraction wrote.
+    source: Optional[str] = None
+
+
+@dataclass
+class DeployConfig:
+    steps: int = "${consolidate.steps}"  # type: ignore[assignment]  # one file per consolidation step
+    games_per_step: int = 128
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class ConsolidateConfig:
+    steps: int = 100
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    save_freq: int = 2
+    keep_checkpoints: Optional[int] = None  # keep only the newest N checkpoints; None keeps all
+    topk: int = 256
+    temperature: float = 0.7  # of the loss; the paper uses the sampling temperature
+    renormalize: bool = False  # renormalise student and teacher over the student's top-k
+    chunk_size: int = 1024  # response positions per logits chunk
+    micro_batch_tokens: int = 20480
+    allow_empty_experience: bool = False
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    games: int = 128
+    steps: str = "first_last"  # which checkpoints: first_last | all
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20))
+
+
+@dataclass
+class EngineConfig:
+    name: str = "hf"
+    max_batch: int = 256  # a generate call never holds more sequences than this
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "torch"
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    project: str = "oel_hpc"
+
+
+@dataclass
+class OELConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    experience: ExperienceConfig = field(default_factory=ExperienceConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    gather: GatherConfig = field(default_factory=GatherConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    consolidate: ConsolidateConfig = field(default_factory=ConsolidateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    experiment: Optional[str] = None  # the recipe's name, set by conf/experiment/*.yaml
+
+
+def _asset(name: str) -> str:
+    return str(ASSETS_DIR / name)
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("oel_asset"):
+        OmegaConf.register_new_resolver("oel_asset", _asset)
+    ConfigStore.instance().store(name="oel_schema", node=OELConfig)
+
+
+register()
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = ("float32", "bfloat16", "float16")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_model_dir(path: str, key: str = "model.path") -> Optional[Path]:
+    """A local model folder for `path`, or None for a hub id that is not cached here (resolved at load time).
+
+    A path that looks local (absolute, ./, ~, or an existing file) must exist and hold config.json."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(key, f"'{path}' has no config.json (not a Hugging Face model folder)")
+        return p
+    if path.startswith(("/", ".", "~")) or not _HUB_ID.match(path):
+        raise ConfigError(key, f"model folder '{path}' does not exist")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+    except Exception:  # noqa: BLE001 - any failure means "not cached"
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached).parent
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(key, f"'{path}' is neither a local folder nor in the Hugging Face cache (HF_HUB_OFFLINE=1)")
+    return None
+
+
+def _positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value <= 0:
+            raise ConfigError(key, f"must be positive, got {value}")
+
+
+def _check_sampling(cfg: DictConfig, key: str) -> None:
+    s = OmegaConf.select(cfg, key)
+    if s.temperature < 0:
+        raise ConfigError(f"{key}.temperature", f"must be >= 0, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise ConfigError(f"{key}.top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise ConfigError(f"{key}.top_k", f"must be >= 0, got {s.top_k}")
+    _positive(cfg, f"{key}.max_new_tokens")
+
+
+def validate(cfg: DictConfig, check_files: bool = True) -> None:
+    """Raise ConfigError for the first bad value. `check_files=False` skips what needs the model on disk."""
+    from oel_hpc.games import GAMES
+
+    if not _RUN_NAME.match(cfg.run.name):
+        raise ConfigError("run.name", f"'{cfg.run.name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
+    if cfg.env.name not in GAMES:
+        raise ConfigError("env.name", f"unknown game '{cfg.env.name}' (choose from: {', '.join(GAMES)})")
+    if cfg.model.dtype not in _DTYPES or cfg.trainer.dtype not in _DTYPES:
+        raise ConfigError("model.dtype", f"dtypes must be one of {_DTYPES}")
+    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got '{cfg.trainer.device}'")
+    if cfg.engine.name != "hf":
+        raise ConfigError("engine.name", f"unknown engine '{cfg.engine.name}' (available: hf)")
+    if cfg.trainer.name != "torch":
+        raise ConfigError("trainer.name", f"unknown trainer '{cfg.trainer.name}' (available: torch)")
+    if cfg.evaluate.steps not in ("first_last", "all"):
+        raise ConfigError("evaluate.steps", f"must be first_last or all, got '{cfg.evaluate.steps}'")
+    if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError("wandb.mode", f"must be auto, online, offline or disabled, got '{cfg.wandb.mode}'")
+    if not cfg.experience.marker.strip():
+        raise ConfigError("experience.marker", "must contain a visible character")
+    _positive(
+        cfg,
+        "pipeline.rounds", "env.max_turns", "prompts.tokens_per_turn", "experience.max_tokens",
+        "extract.seeds", "extract.steps", "extract.use_step", "deploy.steps", "deploy.games_per_step",
+        "consolidate.steps", "consolidate.lr", "consolidate.save_freq", "consolidate.topk",
+        "consolidate.temperature", "consolidate.chunk_size", "consolidate.micro_batch_tokens",
+        "evaluate.games", "engine.max_batch",
+    )
+    for key in ("consolidate.weight_decay", "consolidate.grad_clip", "extract.eval_games"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.consolidate.keep_checkpoints is not None and cfg.consolidate.keep_checkpoints <= 0:
+        raise ConfigError("consolidate.keep_checkpoints", "must be positive or null")
+    if cfg.extract.use_step > cfg.extract.steps:
+        raise ConfigError("extract.use_step", f"{cfg.extract.use_step} is after the last step ({cfg.extract.steps})")
+    if cfg.deploy.steps < cfg.consolidate.steps:
+        raise ConfigError("deploy.steps", f"{cfg.deploy.steps} deploy files for {cfg.consolidate.steps} steps")
+    for key in ("extract.sampling", "deploy.sampling", "consolidate.sampling", "evaluate.sampling"):
+        _check_sampling(cfg, key)
+    for name in ("game_turn", "experience_block", "extractor", "extractor_previous_block", "extractor_turn"):
+        from oel_hpc.prompts import check_template
+
+        check_template(name, getattr(cfg.prompts, name))
+
+    if cfg.gather.source is not None:
+        from oel_hpc.experience import read_source
+
+        read_source(Path(cfg.gather.source), key="gather.source")
+    if check_files:
+        model_dir = resolve_model_dir(cfg.model.path)
+        if model_dir is not None:
+            vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+            if vocab is not None and cfg.consolidate.topk > vocab:
+                raise ConfigError("consolidate.topk", f"k={cfg.consolidate.topk} is larger than the vocabulary ({vocab})")

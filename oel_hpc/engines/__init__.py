@@ -1,0 +1,23 @@
+"""Generation engines behind one interface (`chat_ids`, `count_chat_tokens`, `count_tokens`, `generate`).
+
+Chosen by `engine.name`; heavy imports happen only when an engine is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens up to and including the first EOS (no padding)
+    text: str  # decoded without special tokens; a thinking model's <think>...</think> stays in
+    finished: bool  # ended with EOS rather than at max_new_tokens
+
+
+def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinking: bool):
+    if engine_cfg.name == "hf":
+        from oel_hpc.engines.hf import HFEngine
+
+        return HFEngine.load(model_path, dtype=dtype, device=device, max_batch=engine_cfg.max_batch,
+                             thinking=thinking)
+    raise ValueError(f"engine.name: unknown engine '{engine_cfg.name}'")

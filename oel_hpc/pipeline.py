@@ -1,0 +1,185 @@
+"""The DAG of one run: rounds × stages, what each depends on, its config hash, and what is already done.
+
+Declared once here and executed by any launcher. A stage's hash covers the config it reads plus the hashes of
+the stages it reads from, so a change upstream (a new model, other experience) changes every hash downstream.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from oel_hpc.rundir import RunPaths, config_hash, read_done, sha256_file, write_json_atomic
+
+STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
+
+# The config sections each stage reads (besides its upstream stages and the round's model).
+STAGE_KEYS = {
+    "extract": ("env", "prompts", "experience", "extract", "engine", "pipeline.seed"),
+    "gather": ("extract.use_step", "gather"),
+    "deploy": ("env", "prompts", "deploy", "engine", "pipeline.seed"),
+    "consolidate": ("env", "prompts", "consolidate", "trainer", "pipeline.seed"),
+    "evaluate": ("env", "prompts", "evaluate", "engine", "consolidate.steps", "consolidate.save_freq",
+                 "pipeline.seed"),
+}
+
+
+class StageConflict(RuntimeError):
+    pass
+
+
+@dataclass
+class Node:
+    round: int
+    stage: str
+    deps: list[str]
+    hash: str
+    tasks: Optional[list[int]] = None  # array tasks (extract: seeds, evaluate: checkpoint steps); None = one task
+
+    @property
+    def id(self) -> str:
+        return f"r{self.round}/{self.stage}"
+
+    def task_ids(self) -> list[Optional[int]]:
+        return list(self.tasks) if self.tasks is not None else [None]
+
+
+def model_path(cfg: DictConfig, paths: RunPaths, r: int) -> str:
+    """Round 1 starts from the configured model; round r+1 from round r's exported model."""
+    return str(cfg.model.path) if r == 1 else str(paths.hf(r - 1))
+
+
+def eval_steps(cfg: DictConfig) -> list[int]:
+    last = cfg.consolidate.steps
+    if cfg.evaluate.steps == "first_last":
+        return [0, last]
+    return sorted({0, last, *range(cfg.consolidate.save_freq, last + 1, cfg.consolidate.save_freq)})
+
+
+def _section(cfg: DictConfig, key: str):
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def build_dag(cfg: DictConfig) -> list[Node]:
+    """All nodes in an order where every node comes after its dependencies."""
+    nodes: list[Node] = []
+    model_hash = config_hash({k: _section(cfg, f"model.{k}") for k in ("path", "dtype", "thinking")})
+    previous: list[Node] = []  # the consolidation whose export this round starts from
+    for r in range(1, cfg.pipeline.rounds + 1):
+        def make(stage: str, deps: list[Node], tasks=None, **extra) -> Node:
+            payload = {"round": r, "model": model_hash, "deps": [d.hash for d in deps], **extra,
+                       **{k: _section(cfg, k) for k in STAGE_KEYS[stage]}}
+            node = Node(r, stage, [d.id for d in deps], config_hash(payload), tasks)
+            nodes.append(node)
+            return node
+
+        if cfg.gather.source is None:
+            gather = make("gather", [make("extract", previous, list(range(cfg.extract.seeds)))])
+        else:  # the experience comes from outside; its content is part of the hash
+            gather = make("gather", previous, source=sha256_file(Path(cfg.gather.source)))
+        deploy = make("deploy", previous)
+        consolidate = make("consolidate", [gather, deploy])
+        make("evaluate", [consolidate], eval_steps(cfg))
+        previous, model_hash = [consolidate], consolidate.hash
+    return nodes
+
+
+def task_state(paths: RunPaths, node: Node, task: Optional[int]) -> str:
+    """done | changed (finished under another config) | pending."""
+    done = read_done(paths.done(node.round, node.stage, task))
+    if done is None:
+        return "pending"
+    return "done" if done["config_hash"] == node.hash else "changed"
+
+
+def task_outputs(paths: RunPaths, node: Node, task: Optional[int]) -> list[Path]:
+    """What a task owns: removed before it is redone, so no stale checkpoint or file is ever resumed from."""
+    r = node.round
+    return {
+        "extract": lambda: [paths.seed_dir(r, task)],
+        "gather": lambda: [paths.experience_list(r), paths.done(r, "gather").parent],
+        "deploy": lambda: [paths.deploy_dir(r)],
+        "consolidate": lambda: [paths.consolidate_dir(r)],
+        "evaluate": lambda: [paths.eval_result(r, task), paths.done(r, "evaluate", task)],
+    }[node.stage]()
+
+
+def clear_outputs(paths: RunPaths, node: Node, task: Optional[int]) -> None:
+    for p in task_outputs(paths, node, task):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def describe(node: Node, task: Optional[int]) -> str:
+    label = {"extract": "seed", "evaluate": "step"}.get(node.stage, "task")
+    return node.id if task is None else f"{node.id} ({label} {task})"
+
+
+def plan(paths: RunPaths, nodes: list[Node], overwrite: bool) -> list[tuple[Node, list[Optional[int]]]]:
+    """The tasks still to run, per node. A task finished under another config is an error unless `overwrite`."""
+    todo = []
+    for node in nodes:
+        tasks = []
+        for task in node.task_ids():
+            state = task_state(paths, node, task)
+            if state == "changed" and not overwrite:
+                raise StageConflict(
+                    f"{describe(node, task)} already finished with a different config in {paths.root}; "
+                    "its outputs would not match this config: use another run.name, or run.overwrite=true "
+                    "to redo it and everything downstream")
+            if state != "done":
+                tasks.append(task)
+        if tasks:
+            todo.append((node, tasks))
+    return todo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manifest: what the dashboard reads.
+
+@dataclass
+class Manifest:
+    paths: RunPaths
+    run: str
+    config_hash: str
+    stages: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, paths: RunPaths, run: str, run_hash: str, nodes: list[Node]) -> "Manifest":
+        import json
+
+        old = {}
+        if paths.manifest.is_file():
+            old = {s["id"]: s for s in json.loads(paths.manifest.read_text())["stages"]}
+        stages = []
+        for n in nodes:
+            entry = {"id": n.id, "round": n.round, "stage": n.stage, "tasks": n.tasks, "hash": n.hash,
+                     "depends_on": n.deps, "state": "pending", "job_ids": [], "started": None, "ended": None}
+            prev = old.get(n.id)
+            if prev and prev.get("hash") == n.hash:
+                entry.update({k: prev[k] for k in ("state", "job_ids", "started", "ended", "seconds") if k in prev})
+            stages.append(entry)
+        manifest = cls(paths, run, run_hash, stages)
+        manifest.save()
+        return manifest
+
+    def save(self) -> None:
+        write_json_atomic(self.paths.manifest,
+                          {"run": self.run, "config_hash": self.config_hash, "stages": self.stages})
+
+    def update(self, node_id: str, **fields) -> None:
+        for s in self.stages:
+            if s["id"] == node_id:
+                s.update(fields)
+        self.save()
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

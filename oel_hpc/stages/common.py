@@ -1,0 +1,54 @@
+"""What every stage needs: the config, the run's paths, its hash, and models loaded once per process."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from oel_hpc.pipeline import model_path
+from oel_hpc.prompts import PromptBuilder
+from oel_hpc.rundir import RunPaths
+
+
+@dataclass
+class StageContext:
+    cfg: DictConfig
+    paths: RunPaths
+    hashes: dict[str, str]  # node id → config hash, for the DONE markers
+    _engine: Optional[tuple[str, Any]] = field(default=None, repr=False)
+
+    def stage_hash(self, r: int, stage: str) -> str:
+        return self.hashes[f"r{r}/{stage}"]
+
+    def engine(self, path: str):
+        """The generation engine for a model; one stays loaded, so consecutive stages on one model share it."""
+        if self._engine is None or self._engine[0] != path:
+            from oel_hpc.engines import build_engine
+
+            self._engine = None  # free the old model before loading the next
+            m = self.cfg.model
+            self._engine = (path, build_engine(self.cfg.engine, path, dtype=m.dtype, device=self.cfg.trainer.device,
+                                               thinking=m.thinking))
+        return self._engine[1]
+
+    def round_engine(self, r: int):
+        return self.engine(model_path(self.cfg, self.paths, r))
+
+    def tokenizer(self, r: int):
+        """The round model's tokenizer, without loading its weights when no engine holds them already."""
+        path = model_path(self.cfg, self.paths, r)
+        if self._engine is not None and self._engine[0] == path:
+            return self._engine[1].tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+
+    def drop_engine(self) -> None:
+        self._engine = None
+
+    def prompt_builder(self, engine) -> PromptBuilder:
+        cfg = self.cfg
+        turn_budget = cfg.experience.max_tokens + cfg.prompts.tokens_per_turn * cfg.env.max_turns
+        return PromptBuilder(cfg.prompts, engine.count_chat_tokens, turn_budget,
+                             turn_budget + cfg.extract.sampling.max_new_tokens * cfg.env.max_turns)

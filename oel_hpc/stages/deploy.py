@@ -1,0 +1,34 @@
+"""Deploy: the current policy plays fresh games with no experience, as a user would; every turn prompt it saw is
+saved, one file per consolidation step, with the game's outcome so the data stands on its own."""
+from __future__ import annotations
+
+from tqdm.auto import trange
+
+from oel_hpc.games.seeds import train_seed
+from oel_hpc.pipeline import model_path
+from oel_hpc.rollout import derive_seed, play_games
+from oel_hpc.rundir import mark_done, write_jsonl_atomic
+from oel_hpc.stages.common import StageContext
+
+
+def run(ctx: StageContext, r: int, task=None) -> None:
+    cfg, paths = ctx.cfg, ctx.paths
+    engine = ctx.round_engine(r)
+    builder = ctx.prompt_builder(engine)
+    policy = model_path(cfg, paths, r)
+    outputs = []
+    for step in trange(1, cfg.deploy.steps + 1, desc=f"r{r} deploy", unit="step"):
+        out = paths.deploy_step(r, step)
+        outputs.append(out)
+        if out.is_file():  # written atomically by an earlier, interrupted attempt: complete as it is
+            continue
+        seeds = [train_seed("deploy", r, step, i) for i in range(cfg.deploy.games_per_step)]
+        games = play_games(engine, builder, cfg.env.name, seeds, max_turns=cfg.env.max_turns,
+                           sampling=cfg.deploy.sampling, sampling_seed=derive_seed("deploy", cfg.pipeline.seed, r, step),
+                           desc=f"r{r} deploy step {step}")
+        write_jsonl_atomic(out, (
+            {"game_seed": g.game_seed, "turn": t.turn, "messages": t.messages, "prompt_token_ids": t.prompt_token_ids,
+             "log_blocks": t.log_blocks, "response": t.response, "response_token_ids": t.response_token_ids,
+             "action": t.action, "valid": t.valid, "policy": policy, "success": g.success, "turns": len(g.turns)}
+            for g in games for t in g.turns))
+    mark_done(paths, paths.done(r, "deploy"), ctx.stage_hash(r, "deploy"), outputs)

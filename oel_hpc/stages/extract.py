@@ -1,0 +1,60 @@
+"""Extract: one seed's policy plays one game per step with no experience; after each game the same model reads
+the game (observations, its full responses, the outcome) and writes new experience items, which are appended and
+capped. `experience_<k>.txt` is saved after every step; optionally the held-out games are played with the current
+experience before each update (`scores.jsonl`, the knowledge-growth curve)."""
+from __future__ import annotations
+
+from tqdm.auto import trange
+
+from oel_hpc import experience as exp
+from oel_hpc.games.seeds import heldout_seeds, train_seed
+from oel_hpc.rollout import derive_seed, play_games
+from oel_hpc.rundir import mark_done, write_jsonl_atomic, write_text_atomic
+from oel_hpc.stages.common import StageContext
+
+
+def run(ctx: StageContext, r: int, seed: int) -> None:
+    cfg, paths = ctx.cfg, ctx.paths
+    engine = ctx.round_engine(r)
+    builder = ctx.prompt_builder(engine)
+    marker, sampling = cfg.experience.marker, cfg.extract.sampling
+    items: list[str] = []
+    games, scores, outputs = [], [], []
+
+    def score(step: int) -> None:
+        text = exp.render(items, marker) or None
+        results = play_games(engine, builder, cfg.env.name, heldout_seeds(cfg.extract.eval_games),
+                             max_turns=cfg.env.max_turns, sampling=sampling, experience=text,
+                             sampling_seed=derive_seed("scores", cfg.pipeline.seed, r, seed, step),
+                             desc=f"r{r} extract seed {seed} scores")
+        scores.append({"step": step, "pass_rate": sum(g.success for g in results) / len(results),
+                       "experience_tokens": engine.count_tokens(text or "")})
+
+    for step in trange(1, cfg.extract.steps + 1, desc=f"r{r} extract seed {seed}", unit="step"):
+        if cfg.extract.eval_games:
+            score(step - 1)
+        game_seed = train_seed("extract", r, seed, step)
+        [game] = play_games(engine, builder, cfg.env.name, [game_seed], max_turns=cfg.env.max_turns,
+                            sampling=sampling, sampling_seed=derive_seed("extract", cfg.pipeline.seed, r, seed, step),
+                            desc="game")
+        previous = exp.render(items, marker) if cfg.extract.show_previous and items else None
+        history = [(t.log_blocks[-1], t.response) for t in game.turns]
+        messages = builder.extractor(history, "Success" if game.success else "Failure", marker, previous)
+        [answer] = engine.generate([engine.chat_ids(messages)], sampling,
+                                   seed=derive_seed("extractor", cfg.pipeline.seed, r, seed, step))
+        new_items = exp.parse_items(answer.text, marker)
+        items = exp.append_capped(items, new_items, marker, cfg.experience.max_tokens, engine.count_tokens)
+        path = paths.experience(r, seed, step)
+        write_text_atomic(path, exp.render(items, marker))
+        outputs.append(path)
+        games.append({"step": step, "game_seed": game_seed, "success": game.success, "turns": len(game.turns),
+                      "responses": [t.response for t in game.turns], "final_log": game.final_log,
+                      "extractor_prompt": messages, "extractor_response": answer.text, "new_items": new_items})
+    if cfg.extract.eval_games:
+        score(cfg.extract.steps)
+
+    seed_dir = paths.seed_dir(r, seed)
+    write_jsonl_atomic(seed_dir / "games.jsonl", games)
+    write_jsonl_atomic(seed_dir / "scores.jsonl", scores)
+    mark_done(paths, paths.done(r, "extract", seed), ctx.stage_hash(r, "extract"),
+              outputs + [seed_dir / "games.jsonl", seed_dir / "scores.jsonl"])
