@@ -263,8 +263,8 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     _positive(
         cfg,
         "pipeline.rounds", "env.max_turns", "prompts.tokens_per_turn", "experience.max_tokens",
-        "extract.seeds", "extract.steps", "extract.use_step", "deploy.steps", "deploy.games_per_step",
-        "consolidate.steps", "consolidate.lr", "consolidate.save_freq", "consolidate.topk",
+        "extract.seeds", "extract.steps", "extract.use_step", "consolidate.steps", "deploy.steps",
+        "deploy.games_per_step", "consolidate.lr", "consolidate.save_freq", "consolidate.topk",
         "consolidate.temperature", "consolidate.chunk_size", "consolidate.micro_batch_tokens",
         "evaluate.games", "engine.max_batch",
     )

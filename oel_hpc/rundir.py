@@ -80,6 +80,13 @@ class RunPaths:
     def rel(self, path: Path) -> str:
         return str(Path(path).relative_to(self.root))
 
+    def display(self, path) -> str:
+        """Relative to the run directory when inside it (records stay valid when a run moves), else as given."""
+        try:
+            return self.rel(Path(path))
+        except ValueError:
+            return str(path)
+
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"

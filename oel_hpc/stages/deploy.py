@@ -15,7 +15,7 @@ def run(ctx: StageContext, r: int, task=None) -> None:
     cfg, paths = ctx.cfg, ctx.paths
     engine = ctx.round_engine(r)
     builder = ctx.prompt_builder(engine)
-    policy = model_path(cfg, paths, r)
+    policy = paths.display(model_path(cfg, paths, r))
     outputs = []
     for step in trange(1, cfg.deploy.steps + 1, desc=f"r{r} deploy", unit="step"):
         out = paths.deploy_step(r, step)

@@ -28,7 +28,7 @@ def run(ctx: StageContext, r: int, step: int) -> None:
                        sampling_seed=derive_seed("evaluate", cfg.pipeline.seed), desc=f"r{r} eval step {step}")
     turns = [t for g in games for t in g.turns]
     result = {
-        "round": r, "step": step, "model": paths.rel(model) if model.startswith(str(paths.root)) else model,
+        "round": r, "step": step, "model": paths.display(model),
         "games": len(games), "pass_rate": sum(g.success for g in games) / len(games),
         "mean_response_tokens": sum(len(t.response_token_ids) for t in turns) / len(turns),
         "mean_turns": len(turns) / len(games),

@@ -1,0 +1,85 @@
+"""The HF engine (batched, left-padded generate) and the trainer's response-position bookkeeping."""
+import torch
+from omegaconf import OmegaConf
+
+from oel_hpc.engines.hf import HFEngine
+from oel_hpc.train.consolidate import Sample, micro_batches, response_hidden
+from oel_hpc.train.loss import topk_reverse_kl, topk_reverse_kl_reference
+
+GREEDY = OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12})
+SAMPLED = OmegaConf.create({"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12})
+
+
+def prompts(engine):
+    texts = ["P _ H", "You are P on a small grid. Reach the goal.", "[up] [down] [left] [right] P _ H G G G"]
+    return [engine.chat_ids([{"role": "user", "content": t}]) for t in texts]
+
+
+def test_left_padded_batch_equals_one_by_one(random_model_dir):
+    engine = HFEngine.load(str(random_model_dir), device="cpu")
+    ps = prompts(engine)
+    assert len({len(p) for p in ps}) == 3  # really different lengths, so padding matters
+    batch = engine.generate(ps, GREEDY, seed=0)
+    single = [engine.generate([p], GREEDY, seed=0)[0] for p in ps]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in single]
+    for c in batch:
+        assert len(c.token_ids) <= 12
+        if c.finished:
+            assert c.token_ids[-1] in engine.eos_token_ids and c.token_ids.count(c.token_ids[-1]) >= 1
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(random_model_dir):
+    engine = HFEngine.load(str(random_model_dir), device="cpu")
+    ps = prompts(engine)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = engine.generate(ps, SAMPLED, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = engine.generate(ps, SAMPLED, seed=7)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    c = engine.generate(ps, SAMPLED, seed=8)
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_max_batch_splits_calls_without_changing_greedy_results(random_model_dir):
+    engine = HFEngine.load(str(random_model_dir), device="cpu")
+    ps = prompts(engine)
+    whole = engine.generate(ps, GREEDY, seed=0)
+    engine.max_batch = 1
+    assert [c.token_ids for c in engine.generate(ps, GREEDY, seed=0)] == [c.token_ids for c in whole]
+
+
+def test_response_hidden_feeds_the_loss_at_the_right_positions(random_model_dir):
+    """Loss from gathered hidden states == reference loss from the full logits at the response positions."""
+    engine = HFEngine.load(str(random_model_dir), device="cpu")
+    student = engine.model
+    torch.manual_seed(1)
+    teacher = type(student)(student.config).eval()  # another model: a non-zero KL
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21]]
+    lens = [2, 1, 4]
+    hs = response_hidden(student, seqs, lens, engine.pad_token_id)
+    with torch.no_grad():
+        ht = response_hidden(teacher, seqs, lens, engine.pad_token_id)
+    out = topk_reverse_kl(hs, student.lm_head.weight, ht, teacher.lm_head.weight, k=7, temperature=0.7, chunk_size=3)
+    ref = []
+    for s, n in zip(seqs, lens):
+        ids = torch.tensor([s])
+        ls, lt = student(ids).logits[0], teacher(ids).logits[0]
+        # token s[p] is predicted from position p - 1
+        pos = torch.arange(len(s) - n - 1, len(s) - 1)
+        ref.append((ls[pos], lt[pos].detach()))
+    s_logits = torch.cat([r[0] for r in ref])[None]
+    t_logits = torch.cat([r[1] for r in ref])[None]
+    expected = topk_reverse_kl_reference(s_logits, t_logits, torch.ones(1, sum(lens), dtype=torch.bool), k=7,
+                                         temperature=0.7)
+    assert out.tokens == sum(lens)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_respect_the_token_budget():
+    samples = [Sample([0] * n, [0] * (n + 3), 1) for n in (5, 9, 2, 20, 4)]
+    batches = micro_batches(samples, 24)
+    assert [len(b) for b in batches] == [2, 1, 1, 1]  # 2 × 12 = 24 fits, then 23 alone, ...
+    assert sum(batches, []) == samples
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(len(s.teacher_ids) for s in b) <= 24

@@ -1,0 +1,66 @@
+"""The DAG: dependencies, hashes that follow the config, and what a rerun would do."""
+import pytest
+
+from oel_hpc.pipeline import StageConflict, build_dag, model_path, plan
+from oel_hpc.rundir import RunPaths, mark_done
+from tests.conftest import compose
+
+
+def dag(*overrides):
+    return {n.id: n for n in build_dag(compose(list(overrides)))}
+
+
+def test_two_rounds_chain_through_the_exported_model(tmp_path):
+    nodes = dag("pipeline.rounds=2")
+    assert list(nodes) == ["r1/extract", "r1/gather", "r1/deploy", "r1/consolidate", "r1/evaluate",
+                           "r2/extract", "r2/gather", "r2/deploy", "r2/consolidate", "r2/evaluate"]
+    assert nodes["r1/consolidate"].deps == ["r1/gather", "r1/deploy"]
+    assert nodes["r2/extract"].deps == ["r1/consolidate"] and nodes["r2/deploy"].deps == ["r1/consolidate"]
+    assert nodes["r1/extract"].tasks == [0, 1] and nodes["r1/evaluate"].tasks == [0, 2]
+    cfg = compose(["pipeline.rounds=2"])
+    paths = RunPaths(tmp_path)
+    assert model_path(cfg, paths, 2) == str(tmp_path / "round_1" / "consolidate" / "hf")
+
+
+def test_hashes_change_exactly_downstream_of_a_change():
+    base = dag("pipeline.rounds=2")
+    lr = dag("pipeline.rounds=2", "consolidate.lr=1e-3")
+    changed = {i for i in base if base[i].hash != lr[i].hash}
+    assert changed == {"r1/consolidate", "r1/evaluate", "r2/extract", "r2/gather", "r2/deploy", "r2/consolidate",
+                       "r2/evaluate"}
+    games = dag("pipeline.rounds=2", "evaluate.games=8")
+    assert {i for i in base if base[i].hash != games[i].hash} == {"r1/evaluate", "r2/evaluate"}
+    assert dag("pipeline.rounds=2", "run.overwrite=true", "wandb.mode=disabled")["r2/evaluate"].hash == \
+        base["r2/evaluate"].hash
+    # adding a round leaves round 1 as it was
+    assert dag()["r1/evaluate"].hash == base["r1/evaluate"].hash
+
+
+def test_external_experience_replaces_extraction(tmp_path):
+    (tmp_path / "a.txt").write_text("- lesson")
+    (tmp_path / "list.txt").write_text("a.txt\n")
+    nodes = dag(f"gather.source={tmp_path / 'list.txt'}")
+    assert "r1/extract" not in nodes and nodes["r1/gather"].deps == []
+    before = nodes["r1/gather"].hash
+    (tmp_path / "a.txt").write_text("- other lesson")
+    (tmp_path / "list.txt").write_text("a.txt\n# edited\n".replace("# edited\n", ""))
+    assert dag(f"gather.source={tmp_path / 'list.txt'}")["r1/gather"].hash == before  # list text unchanged
+    (tmp_path / "list.txt").write_text("./a.txt\n")
+    assert dag(f"gather.source={tmp_path / 'list.txt'}")["r1/gather"].hash != before
+
+
+def test_plan_skips_done_and_refuses_changed(tmp_path):
+    paths = RunPaths(tmp_path)
+    nodes = build_dag(compose())
+    extract = nodes[0]
+    out = paths.experience(1, 0, 3)
+    out.parent.mkdir(parents=True)
+    out.write_text("- x")
+    mark_done(paths, paths.done(1, "extract", 0), extract.hash, [out])
+    todo = dict((n.id, t) for n, t in plan(paths, nodes, overwrite=False))
+    assert todo["r1/extract"] == [1] and todo["r1/gather"] == [None]
+    mark_done(paths, paths.done(1, "extract", 1), "another-hash", [out])
+    with pytest.raises(StageConflict, match=r"r1/extract \(seed 1\) already finished with a different config"):
+        plan(paths, nodes, overwrite=False)
+    todo = dict((n.id, t) for n, t in plan(paths, nodes, overwrite=True))
+    assert todo["r1/extract"] == [1]
