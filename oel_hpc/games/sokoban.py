@@ -33,11 +33,10 @@ and the BFS solver.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
-import gymnasium
-from gymnasium import spaces
-
+from .grid_env import GridGameEnv
 from .parsing import ACTIONS
 
 SIZE = 6
@@ -181,50 +180,8 @@ def generate(
         return SokobanState(grid=grid, target=target, box=box, player=player)
 
 
-class Sokoban6x6Env(gymnasium.Env):
-    """Gymnasium env: ``Discrete(4)`` actions (``ACTIONS`` order), board text observations.
+class Sokoban6x6Env(GridGameEnv):
+    """Sokoban 6×6 as a gymnasium env (see GridGameEnv)."""
 
-    ``info`` carries ``"message"`` and ``"state"`` (a :class:`SokobanState` for the solver).
-    The room is a pure function of the reset seed.
-    """
-
-    metadata = {"render_modes": ["ansi"], "render_fps": 1}
     game_name = "sokoban"
-
-    def __init__(self, render_mode: str | None = None):
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.render_mode = render_mode
-        self.action_space = spaces.Discrete(len(ACTIONS))
-        self.observation_space = spaces.Text(
-            max_length=BOARD_CHARS, min_length=BOARD_CHARS, charset=CHARSET
-        )
-        self._state: SokobanState | None = None
-        self._done = False
-
-    @property
-    def state(self) -> SokobanState:
-        if self._state is None:
-            raise RuntimeError("call reset() first")
-        return self._state
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        self._state = generate(self.np_random)
-        self._done = False
-        return render(self._state), {"message": MSG_RESET, "state": self._state}
-
-    def step(self, action):
-        if self._state is None:
-            raise RuntimeError("call reset() before step()")
-        if self._done:
-            raise RuntimeError("the game is over; call reset()")
-        if not self.action_space.contains(action):
-            raise ValueError(f"invalid action {action!r}; expected an int in [0, {len(ACTIONS)})")
-        t = transition(self._state, int(action))
-        self._state, self._done = t.state, t.terminated
-        info = {"message": t.message, "state": t.state}
-        return render(t.state), t.reward, t.terminated, False, info
-
-    def render(self) -> str:
-        return render(self.state)
+    rules = sys.modules[__name__]
