@@ -28,15 +28,13 @@ def check_group_choices(argv: list[str]) -> None:
 def run(cfg: DictConfig) -> None:
     from oel_hpc.launch.local import run_local
     from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import RunPaths, config_hash, write_text_atomic
+    from oel_hpc.rundir import RunPaths, config_hash
     from oel_hpc.summary import summary
 
     paths = RunPaths(Path(cfg.run.root).resolve() / cfg.run.name)
     nodes = build_dag(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(paths.config, OmegaConf.to_yaml(cfg, resolve=True))
     ran = run_local(cfg, paths, nodes, run_hash)
     if ran == 0:
         print(f"Nothing to do: every stage of run '{cfg.run.name}' is already done ({paths.root}). "

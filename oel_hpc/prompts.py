@@ -14,12 +14,13 @@ from oel_hpc.games import join_blocks
 
 Messages = list[dict[str, str]]
 
+OPTIONAL_FIELDS = {"extractor_turn": {"turn"}}
 REQUIRED_FIELDS = {
     "game_turn": {"actions", "experience_block", "game_log"},
     "experience_block": {"experience"},
     "extractor": {"history", "outcome", "previous_block", "marker"},
     "extractor_previous_block": {"experience"},
-    "extractor_turn": {"turn", "observation", "response"},
+    "extractor_turn": {"observation", "response"},
 }
 
 
@@ -40,8 +41,9 @@ def check_template(name: str, text: str) -> None:
     except ValueError as e:
         raise ConfigError(f"prompts.{name}", f"is not a valid template ({e}); write literal braces as {{{{ }}}}")
     required = REQUIRED_FIELDS[name]
-    if fields - required:
-        raise ConfigError(f"prompts.{name}", f"unknown placeholder(s) {sorted(fields - required)}; allowed {sorted(required)}")
+    allowed = required | OPTIONAL_FIELDS.get(name, set())
+    if fields - allowed:
+        raise ConfigError(f"prompts.{name}", f"unknown placeholder(s) {sorted(fields - allowed)}; allowed {sorted(allowed)}")
     if required - fields:
         raise ConfigError(f"prompts.{name}", f"missing placeholder(s) {sorted(required - fields)}")
 

@@ -49,7 +49,7 @@ def test_extractor_prompt():
     [msg] = builder().extractor([("Turn 1:\nP _ _", "I go [down]")], "Failure", "- ", previous="- Old lesson.")
     assert msg["content"] == (
         "You played a grid game as P. This is what you saw and answered, turn by turn:\n"
-        "Turn 1:\nTurn 1:\nP _ _\nYou answered: I go [down]\n"
+        "Turn 1:\nP _ _\nYou answered: I go [down]\n"
         "Outcome: Failure\n"
         "Lessons you already wrote:\n- Old lesson.\n"
         'Write one or two short, general lessons that would help you win next time. Put each lesson on its own '

@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 
 from oel_hpc.pipeline import Manifest, Node, clear_outputs, describe, now, plan, task_state
-from oel_hpc.rundir import RunPaths, read_done, write_json_atomic
+from omegaconf import OmegaConf
+
+from oel_hpc.rundir import RunPaths, read_done, write_json_atomic, write_text_atomic
 from oel_hpc.stages import run_task
 from oel_hpc.stages.common import StageContext
 
@@ -15,8 +17,12 @@ def started_marker(paths: RunPaths, node: Node, task):
 
 
 def run_local(cfg, paths: RunPaths, nodes: list[Node], run_hash: str) -> int:
-    """Runs what is not done; returns how many tasks ran (0: nothing to do)."""
+    """Runs what is not done; returns how many tasks ran (0: nothing to do, and nothing is written)."""
     todo = plan(paths, nodes, cfg.run.overwrite)
+    if not todo:
+        return 0
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(paths.config, OmegaConf.to_yaml(cfg, resolve=True))
     manifest = Manifest.open(paths, cfg.run.name, run_hash, nodes)
     ctx = StageContext(cfg, paths, {n.id: n.hash for n in nodes})
     ran = 0

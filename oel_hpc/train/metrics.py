@@ -27,8 +27,11 @@ class MetricsLog:
         import wandb
 
         # a stable id: a requeued job continues the same wandb run instead of starting a new one
-        return wandb.init(project=wandb_cfg.project, name=run_name, id=run_name.replace("/", "-"), resume="allow",
-                          mode=mode, dir=str(folder), config=run_config, reinit="finish_previous")
+        run = wandb.init(project=wandb_cfg.project, name=run_name, id=run_name.replace("/", "-"), resume="allow",
+                         mode=mode, dir=str(folder), config=run_config, reinit="finish_previous",
+                         settings=wandb.Settings(silent=True))
+        print(f"wandb ({mode}): {run.dir}" + (" — `wandb sync` it to upload" if mode == "offline" else ""))
+        return run
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
