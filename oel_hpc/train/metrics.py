@@ -30,7 +30,7 @@ class MetricsLog:
         run = wandb.init(project=wandb_cfg.project, name=run_name, id=run_name.replace("/", "-"), resume="allow",
                          mode=mode, dir=str(folder), config=run_config, reinit="finish_previous",
                          settings=wandb.Settings(silent=True))
-        print(f"wandb ({mode}): {run.dir}" + (" — `wandb sync` it to upload" if mode == "offline" else ""))
+        print(f"wandb ({mode}): {Path(run.dir).parent}" + (" — `wandb sync` it to upload" if mode == "offline" else ""))
         return run
 
     def log(self, row: dict) -> None:
