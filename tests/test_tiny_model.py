@@ -24,7 +24,9 @@ from omegaconf import OmegaConf  # noqa: E402
 import oel_hpc  # noqa: E402
 from oel_hpc.experience import append_capped, parse_items, render  # noqa: E402
 from oel_hpc.games import heldout_seeds, make_game  # noqa: E402
+from oel_hpc.engines.hf import HFEngine  # noqa: E402
 from oel_hpc.prompts import PromptBuilder  # noqa: E402
+from oel_hpc.rollout import play_games  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = Path(oel_hpc.__file__).resolve().parent / "assets" / "tiny-qwen3"
@@ -66,56 +68,26 @@ def chat_ids(tokenizer, messages):
                                               enable_thinking=False, return_dict=False))
 
 
-def prompts(tokenizer):
-    return PromptBuilder(TEMPLATES, lambda m: len(chat_ids(tokenizer, m)), TURN_BUDGET, EXTRACTOR_BUDGET)
+def prompts(engine):
+    return PromptBuilder(TEMPLATES, engine.count_chat_tokens, TURN_BUDGET, EXTRACTOR_BUDGET)
 
 
-def sample(model, tokenizer, batch, *, seed, max_new_tokens):
-    """(text, token count, ended with EOS) per prompt; left padded; T 0.7, top-p 0.8, top-k 20."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    width = max(map(len, batch))
-    ids = torch.full((len(batch), width), pad)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, p in enumerate(batch):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_p=0.8,
-                             top_k=20, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    results = []
-    for row in out[:, width:].tolist():
-        n = row.index(eos) + 1 if eos in row else len(row)
-        results.append((tokenizer.decode(row[:n], skip_special_tokens=True), n, eos in row))
-    return results
-
-
-def play(model, tokenizer, seeds, experience, sampling_seed):
-    """Frozen Lake games turn by turn (one batched call per turn), as oel_hpc/rollout.py plays them."""
-    builder = prompts(tokenizer)
-    games = [make_game("frozenlake", s, max_calls=5) for s in seeds]
-    histories = [[] for _ in games]
-    answers = []  # (valid, tokens, finished)
-    for turn in range(1, 6):
-        live = [i for i, g in enumerate(games) if not g.done]
-        if not live:
-            break
-        batch = [chat_ids(tokenizer, builder.game_turn(games[i].log_blocks, games[i].action_words, experience))
-                 for i in live]
-        for i, (text, n, finished) in zip(live, sample(model, tokenizer, batch, seed=sampling_seed + turn,
-                                                       max_new_tokens=32)):
-            histories[i].append((games[i].log_blocks[-1], text))
-            _, _, _, _, info = games[i].step(text)
-            answers.append((info["valid"], n, finished))
-    return games, histories, answers
+def sampling(max_new_tokens):  # as the evaluate stage samples
+    return OmegaConf.create({"temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": max_new_tokens})
 
 
 @pytest.fixture(scope="module")
-def played(tiny, pool_experience):
-    model, tokenizer = tiny
+def engine(tiny):
+    return HFEngine(*tiny)
+
+
+@pytest.fixture(scope="module")
+def played(engine, pool_experience):
+    """Held-out games played by the pipeline's own rollout, without and with experience in the prompt."""
     seeds = heldout_seeds(N_GAMES)
-    return {"plain": play(model, tokenizer, seeds, None, 1000),
-            "experience": play(model, tokenizer, seeds, pool_experience, 2000)}
+    return {name: play_games(engine, prompts(engine), "frozenlake", seeds, max_turns=5, sampling=sampling(32),
+                             sampling_seed=seed, experience=experience)
+            for name, experience, seed in (("plain", None, 1000), ("experience", pool_experience, 2000))}
 
 
 def pass_rate(games):
@@ -161,7 +133,7 @@ def test_chat_template_round_trip(tiny):
     assert tokenizer.decode(ids, skip_special_tokens=True).count("<|") == 0
 
 
-def test_prompts_fit_the_tiny_budgets(tiny, pool_experience):
+def test_prompts_fit_the_tiny_budgets(tiny, engine, pool_experience):
     """A full 5-call game log with a full 256-token experience fits the turn budget without dropping a block."""
     _, tokenizer = tiny
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
@@ -173,45 +145,45 @@ def test_prompts_fit_the_tiny_budgets(tiny, pool_experience):
     game = make_game("frozenlake", 7, max_calls=5)
     for response in ("[up]", "no idea", "[right]", "[left]"):
         game.step(response)
-    messages = prompts(tokenizer).game_turn(game.log_blocks, game.action_words, experience)
+    messages = prompts(engine).game_turn(game.log_blocks, game.action_words, experience)
     assert TEMPLATES.omitted_turns not in messages[-1]["content"]
     assert len(chat_ids(tokenizer, messages)) <= TURN_BUDGET
     turns = [(block, "I move [right].") for block in game.log_blocks[:5]]
-    messages = prompts(tokenizer).extractor(turns, "Failure", MARKER, experience)
+    messages = prompts(engine).extractor(turns, "Failure", MARKER, experience)
     assert TEMPLATES.omitted_turns not in messages[-1]["content"]
 
 
 # -- behaviour -------------------------------------------------------------------------------------------------
 
 
-def test_game_turns_get_a_bracketed_action(played):
-    for condition, (_, _, answers) in played.items():
-        valid = sum(v for v, _, _ in answers) / len(answers)
-        finished = sum(f for _, _, f in answers) / len(answers)
-        mean_tokens = sum(n for _, n, _ in answers) / len(answers)
+def test_game_turns_get_a_bracketed_action(played, engine):
+    for condition, games in played.items():
+        turns = [t for g in games for t in g.turns]
+        valid = sum(t.valid for t in turns) / len(turns)
+        finished = sum(t.response_token_ids[-1] in engine.eos_token_ids for t in turns) / len(turns)
+        mean_tokens = sum(len(t.response_token_ids) for t in turns) / len(turns)
         assert valid >= 0.8, (condition, valid)
         assert finished >= 0.95, (condition, finished)  # short answers that end with EOS
         assert mean_tokens <= 16, (condition, mean_tokens)
 
 
 def test_experience_in_the_prompt_helps(played):
-    plain, with_exp = pass_rate(played["plain"][0]), pass_rate(played["experience"][0])
+    plain, with_exp = pass_rate(played["plain"]), pass_rate(played["experience"])
     assert with_exp >= 0.6, (plain, with_exp)
     assert with_exp - plain >= 0.3, (plain, with_exp)  # the gap consolidation distils
 
 
-def test_extractor_writes_lessons(tiny, played):
-    model, tokenizer = tiny
-    builder = prompts(tokenizer)
-    games, histories, _ = played["plain"]
+def test_extractor_writes_lessons(engine, played):
+    builder = prompts(engine)
     previous = render(["Never move onto an H cell.", "Reaching G wins the game."], MARKER)
-    batch = [chat_ids(tokenizer, builder.extractor(history, "Success" if game.success else "Failure", MARKER,
-                                                   previous if i % 2 else None))
-             for i, (game, history) in enumerate(zip(games[:12], histories[:12]))]
-    answers = sample(model, tokenizer, batch, seed=7, max_new_tokens=48)
-    parsed = [parse_items(text, MARKER) for text, _, _ in answers]
-    assert sum(1 <= len(items) <= 3 for items in parsed) >= 0.9 * len(parsed), [a for a, _, _ in answers]
-    assert sum(f for _, _, f in answers) >= 0.9 * len(answers)
+    batch = [engine.chat_ids(builder.extractor([(t.log_blocks[-1], t.response) for t in game.turns],
+                                               "Success" if game.success else "Failure", MARKER,
+                                               previous if i % 2 else None))
+             for i, game in enumerate(played["plain"][:12])]
+    answers = engine.generate(batch, sampling(48), seed=7)
+    parsed = [parse_items(a.text, MARKER) for a in answers]
+    assert sum(1 <= len(items) <= 3 for items in parsed) >= 0.9 * len(parsed), [a.text for a in answers]
+    assert sum(a.finished for a in answers) >= 0.9 * len(answers)
     assert all(len(item) >= 10 for items in parsed for item in items)
 
 
@@ -226,6 +198,7 @@ def test_builder_runs_and_its_output_loads(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert model.config.model_type == "qwen3" and model.config.vocab_size == len(tokenizer)
-    messages = prompts(tokenizer).game_turn(make_game("frozenlake", 0).log_blocks, ("[up]", "[down]"))
-    [(text, n, _)] = sample(model, tokenizer, [chat_ids(tokenizer, messages)], seed=0, max_new_tokens=4)
-    assert 1 <= n <= 4 and isinstance(text, str)
+    engine = HFEngine(model, tokenizer)
+    messages = prompts(engine).game_turn(make_game("frozenlake", 0).log_blocks, ("[up]", "[down]"))
+    [answer] = engine.generate([engine.chat_ids(messages)], sampling(4), seed=0)
+    assert 1 <= len(answer.token_ids) <= 4 and isinstance(answer.text, str)

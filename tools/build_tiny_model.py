@@ -454,83 +454,41 @@ def train(model, encoded, *, steps: int, batch_size: int, lr: float, seed: int, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Measured behaviour (the same protocol as oel_hpc/rollout.py: one batched generate call per turn)
-
-
-def generate(model, tokenizer, prompts: list[list[int]], *, seed: int, max_new_tokens: int,
-             temperature: float = 0.7, top_p: float = 0.8, top_k: int = 20) -> list[tuple[str, int]]:
-    """Sampled answers (text, token count incl. EOS) for a batch of prompt ids, left padded."""
-    import torch
-
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                             top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                             pad_token_id=pad)
-    answers = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t == eos), None)
-        row = row if end is None else row[:end + 1]
-        answers.append((tokenizer.decode(row, skip_special_tokens=True), len(row)))
-    return answers
-
-
-def play(model, tokenizer, seeds, *, experience: str | None, seed: int = 0) -> tuple[dict, list]:
-    """Play Frozen Lake games (5 calls each) at T 0.7, top-p 0.8, top-k 20, as the evaluate stage does.
-    Returns (pass rate, valid-action rate, mean answer tokens, turns) and per game (game, [(observation,
-    answer)]) — the history an extractor prompt shows."""
-    from oel_hpc.games import make_game
-
-    builder = prompt_builder(lambda m: len(chat_ids(tokenizer, m)))
-    games = [make_game("frozenlake", s, max_calls=5) for s in seeds]
-    histories: list[list[tuple[str, str]]] = [[] for _ in games]
-    valid, lengths = [], []
-    for turn in range(1, 6):
-        live = [i for i, g in enumerate(games) if not g.done]
-        if not live:
-            break
-        prompts = [chat_ids(tokenizer, builder.game_turn(games[i].log_blocks, games[i].action_words, experience))
-                   for i in live]
-        answers = generate(model, tokenizer, prompts, seed=seed * 1000 + turn, max_new_tokens=MAX_NEW_TOKENS_TURN)
-        for i, (text, n) in zip(live, answers):
-            histories[i].append((games[i].log_blocks[-1], text))
-            _, _, _, _, info = games[i].step(text)
-            valid.append(bool(info["valid"]))
-            lengths.append(n)
-    stats = {"pass_rate": sum(g.success for g in games) / len(games), "valid_rate": sum(valid) / len(valid),
-             "mean_tokens": sum(lengths) / len(lengths), "turns": len(valid)}
-    return stats, list(zip(games, histories))
-
-
-def extractor_answers(model, tokenizer, played, *, previous: list[str] | None = None, seed: int = 0) -> list[str]:
-    """The model's lessons for each played game, prompted as oel_hpc/stages/extract.py does."""
-    from oel_hpc.experience import render
-
-    builder = prompt_builder(lambda m: len(chat_ids(tokenizer, m)))
-    prompts = [chat_ids(tokenizer, builder.extractor(history, "Success" if game.success else "Failure", MARKER,
-                                                     render(previous, MARKER) if previous else None))
-               for game, history in played]
-    return [text for text, _ in generate(model, tokenizer, prompts, seed=seed, max_new_tokens=MAX_NEW_TOKENS_EXTRACT)]
+# Measured behaviour
 
 
 def report(model, tokenizer, n_games: int) -> dict:
-    """Measured behaviour on held-out games: with and without a pool experience, and the extractor's answers."""
+    """Measured behaviour on held-out games, played and prompted by the pipeline's own engine and rollout (as the
+    evaluate and extract stages do): with and without a pool experience, and the extractor's answers."""
+    from omegaconf import OmegaConf
+
+    from oel_hpc.engines.hf import HFEngine
     from oel_hpc.experience import parse_items, render
     from oel_hpc.games import heldout_seeds
+    from oel_hpc.rollout import play_games
 
-    seeds = heldout_seeds(n_games)
-    plain, played = play(model, tokenizer, seeds, experience=None)
-    with_exp, _ = play(model, tokenizer, seeds, experience=render(EVAL_EXPERIENCE, MARKER))
-    answers = extractor_answers(model, tokenizer, played[:16])
-    answers += extractor_answers(model, tokenizer, played[16:32], previous=EVAL_EXPERIENCE[:2])
+    engine = HFEngine(model, tokenizer)
+    builder = prompt_builder(engine.count_chat_tokens)
+    sampling = OmegaConf.create({"temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                                 "max_new_tokens": MAX_NEW_TOKENS_TURN})
+
+    def play(experience):
+        games = play_games(engine, builder, "frozenlake", heldout_seeds(n_games), max_turns=5, sampling=sampling,
+                           sampling_seed=0, experience=experience)
+        turns = [t for g in games for t in g.turns]
+        return games, {"pass_rate": sum(g.success for g in games) / len(games),
+                       "valid_rate": sum(t.valid for t in turns) / len(turns),
+                       "mean_tokens": sum(len(t.response_token_ids) for t in turns) / len(turns), "turns": len(turns)}
+
+    played, plain = play(None)
+    _, with_exp = play(render(EVAL_EXPERIENCE, MARKER))
+    previous = render(EVAL_EXPERIENCE[:2], MARKER)
+    prompts = [engine.chat_ids(builder.extractor([(t.log_blocks[-1], t.response) for t in g.turns],
+                                                 "Success" if g.success else "Failure", MARKER,
+                                                 previous if i >= 16 else None))
+               for i, g in enumerate(played[:32])]
+    answers = [c.text for c in engine.generate(prompts, OmegaConf.merge(
+        sampling, {"max_new_tokens": MAX_NEW_TOKENS_EXTRACT}), seed=0)]
     items = [parse_items(a, MARKER) for a in answers]
     return {"heldout_games": n_games, "without_experience": plain, "with_experience": with_exp,
             "extractor": {"answers": len(answers), "parsed": sum(bool(i) for i in items) / len(items),

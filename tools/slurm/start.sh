@@ -24,7 +24,7 @@ DBD_PORT=$((CTLD_PORT + 2))
 CLUSTER=${OEL_SLURM_CLUSTER:-oel}
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 
-say() { echo "[oel-slurm] $*" >&2; }
+. "$(dirname "$0")/lib.sh"
 elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 # die DAEMON LOG MESSAGE: name the daemon, show the tail of its log, exit non-zero.
 die() {
@@ -188,20 +188,6 @@ StorageLoc=slurm_acct_db
 EOF
 
 # ---------------------------------------------------------------------------------------------- processes
-# running PIDFILE EXE: prints the pid when PIDFILE names a live (non-zombie) process running EXE.
-running() {
-    local pidfile=$1 exe pid actual st
-    exe=$(readlink -f "$2")
-    [[ -r $pidfile ]] || return 1
-    pid=$(tr -dc '0-9' <"$pidfile")
-    [[ -n $pid ]] || return 1
-    actual=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
-    actual=${actual% (deleted)}
-    [[ $actual == "$exe" ]] || return 1
-    st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$pid/status" 2>/dev/null)
-    [[ -n $st && $st != Z && $st != X ]] || return 1
-    echo "$pid"
-}
 # wait_for SECONDS DAEMON LOG PIDFILE EXE WHAT CMD...: poll CMD until it succeeds; fail if the daemon died.
 wait_for() {
     local secs=$1 daemon=$2 log=$3 pidfile=$4 exe=$5 what=$6; shift 6

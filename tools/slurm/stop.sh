@@ -20,7 +20,7 @@ for a in "$@"; do
     esac
 done
 STATE=${STATE:-${OEL_SLURM_STATE:-/tmp/oel-slurm}}
-say() { echo "[oel-slurm] $*" >&2; }
+. "$(dirname "$0")/lib.sh"
 if [[ ! -d $STATE ]]; then
     say "no state folder $STATE: nothing to stop"
     exit 0
@@ -38,24 +38,6 @@ RUN=$STATE/run
 exec 9>>"$STATE/.lock"
 flock -w 120 9 || { say "ERROR: another start/stop holds $STATE/.lock"; exit 1; }
 
-# running PIDFILE EXE: prints the pid when PIDFILE names a live (non-zombie) process running EXE.
-running() {
-    local pidfile=$1 exe pid actual st
-    exe=$(readlink -f "$2")
-    [[ -r $pidfile ]] || return 1
-    pid=$(tr -dc '0-9' <"$pidfile")
-    [[ -n $pid ]] || return 1
-    alive "$pid" "$exe" || return 1
-    echo "$pid"
-}
-# alive PID EXE: PID is a live (non-zombie) process whose executable is EXE (a resolved path).
-alive() {
-    local actual st
-    actual=$(readlink "/proc/$1/exe" 2>/dev/null) || return 1
-    [[ ${actual% (deleted)} == "$2" ]] || return 1
-    st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)
-    [[ -n $st && $st != Z && $st != X ]]
-}
 # stop_pid NAME PID EXE: SIGTERM, wait up to 30 s (zombies count as gone), then SIGKILL.
 stop_pid() {
     local name=$1 pid=$2 exe=$3 i
