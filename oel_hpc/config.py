@@ -143,11 +143,48 @@ class TrainerConfig:
     name: str = "torch"
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"
+    # With several processes (Slurm tasks or torchrun): replicate (ddp) or shard (fsdp: FSDP2 fully_shard).
+    parallel: str = "ddp"
+    backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
+
+
+@dataclass
+class StageResources:
+    nodes: int = 1
+    tasks_per_node: int = 1  # consolidation: one torch.distributed rank per task
+    gpus_per_node: Optional[int] = None  # None = cluster.gpus_per_node
+    cpus_per_task: Optional[int] = None  # None = cluster.cpus_per_task
+    time_min: int = 60
+
+
+def _stage_resources() -> dict[str, StageResources]:
+    return {s: StageResources() for s in ("extract", "gather", "deploy", "consolidate", "evaluate")}
 
 
 @dataclass
 class ClusterConfig:
     name: str = "local"
+    launcher: str = "local"  # local: every stage in this process | slurm: sbatch jobs chained by dependencies
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: Optional[int] = None  # per node; None = the partition's default
+    resources: dict[str, StageResources] = field(default_factory=_stage_resources)
+    requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume from their checkpoint
+    signal_before_end_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
+    setup: list[str] = field(default_factory=list)  # shell lines run first in every job (module load, ...)
+    python: str = "python"  # the interpreter on the compute nodes
+    container: Optional[str] = None  # an Apptainer image (.sif) or, with pyxis, an enroot image
+    container_runtime: str = "apptainer"  # apptainer | pyxis
+    extra_sbatch: list[str] = field(default_factory=list)  # passed through as `#SBATCH <line>`
+
+
+@dataclass
+class LaunchConfig:
+    render_only: bool = False  # write the sbatch scripts (slurm/ in the run directory) without submitting
 
 
 @dataclass
@@ -172,6 +209,7 @@ class OELConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     experiment: Optional[str] = None  # the recipe's name, set by conf/experiment/*.yaml
 
@@ -252,6 +290,10 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got '{cfg.trainer.device}'")
     if cfg.engine.name != "hf":
         raise ConfigError("engine.name", f"unknown engine '{cfg.engine.name}' (available: hf)")
+    if cfg.trainer.parallel not in ("ddp", "fsdp"):
+        raise ConfigError("trainer.parallel", f"must be ddp or fsdp, got '{cfg.trainer.parallel}'")
+    if cfg.cluster.launcher not in ("local", "slurm"):
+        raise ConfigError("cluster.launcher", f"must be local or slurm, got '{cfg.cluster.launcher}'")
     if cfg.trainer.name != "torch":
         raise ConfigError("trainer.name", f"unknown trainer '{cfg.trainer.name}' (available: torch)")
     if cfg.evaluate.steps not in ("first_last", "all"):

@@ -64,3 +64,14 @@ def test_plan_skips_done_and_refuses_changed(tmp_path):
         plan(paths, nodes, overwrite=False)
     todo = dict((n.id, t) for n, t in plan(paths, nodes, overwrite=True))
     assert todo["r1/extract"] == [1]
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=frozenlake_qwen3_8b"], ["pipeline.rounds=3", "consolidate.lr=2e-4"]])
+def test_hashes_survive_the_config_file(tmp_path, overrides):
+    """Batch jobs rebuild the DAG from the run's config.yaml: they must find the same hashes as the submitter."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    reloaded = OmegaConf.load(tmp_path / "config.yaml")
+    assert [(n.id, n.hash) for n in build_dag(reloaded)] == [(n.id, n.hash) for n in build_dag(cfg)]
