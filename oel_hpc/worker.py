@@ -3,6 +3,11 @@
 Everything comes from the run directory (config.yaml, the DAG rebuilt from it, files on disk), never from the
 submitting process: a requeued or resubmitted job finds the state it needs by itself. A task already DONE under
 the same config is skipped, so a job may be run twice safely.
+
+Consolidation may run as several processes, one per rank (`srun` with one task per rank, or `torchrun`); see
+oel_hpc/train/distributed.py for the environment it reads. Exit status: 0 done (or already done), 2 bad input,
+75 stopped early by SIGUSR2/SIGTERM with a checkpoint saved (under Slurm, after SIGUSR2, the job has been requeued
+and resumes from that checkpoint by itself; otherwise run the same command again), anything else a failure.
 """
 from __future__ import annotations
 
@@ -42,8 +47,14 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> int:
     if state == "changed":
         print(f"oel_hpc.worker: error: {describe(node, task)} finished under another config", file=sys.stderr)
         return 2
+    from oel_hpc.train.preemption import EXIT_PREEMPTED, Preempted
+
     ctx = StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()})
-    run_task(ctx, node.stage, node.round, task)
+    try:
+        run_task(ctx, node.stage, node.round, task)
+    except Preempted as e:
+        print(f"{describe(node, task)}: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -38,7 +38,7 @@ def test_layout_and_records(first_run):
     assert "pass rate before (16 games)" in out.stdout and "consolidation KL, first step" in out.stdout
     for rel in ["config.yaml", "manifest.json", "round_1/experience_list.json", "round_1/deploy/step_1.jsonl",
                 "round_1/deploy/step_2.jsonl", "round_1/deploy/DONE", "round_1/consolidate/metrics.jsonl",
-                "round_1/consolidate/ckpt/step_1/state.pt", "round_1/consolidate/ckpt/step_2/state.pt",
+                "round_1/consolidate/ckpt/step_1/meta.json", "round_1/consolidate/ckpt/step_2/.metadata",
                 "round_1/consolidate/ckpt/latest", "round_1/consolidate/hf/model.safetensors",
                 "round_1/consolidate/hf/tokenizer.json", "round_1/consolidate/DONE", "round_1/eval/step_0.json",
                 "round_1/eval/step_2.json"] + [f"round_1/extract/seed_{s}/{f}" for s in (0, 1) for f in (

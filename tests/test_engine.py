@@ -2,7 +2,7 @@
 import torch
 from omegaconf import OmegaConf
 
-from oel_hpc.engines.hf import HFEngine
+from oel_hpc.engines.hf import HFEngine, row_seeds_for
 from oel_hpc.train.consolidate import Sample, micro_batches, response_hidden
 from oel_hpc.train.loss import topk_reverse_kl, topk_reverse_kl_reference
 
@@ -39,6 +39,49 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(random_model_dir):
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     c = engine.generate(ps, SAMPLED, seed=8)
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_a_rows_sample_does_not_depend_on_its_batch(random_model_dir):
+    """Per-row seeded sampling: a row sampled alone, inside a batch (at another position, beside other rows and
+    other padding), or in a batch split by max_batch gets the same completion. Data-parallel consolidation relies
+    on it: a row gives the same sample whichever rank, micro-batch or neighbours it lands with."""
+    engine = HFEngine.load(str(random_model_dir), device="cpu")
+    ps = prompts(engine)
+    sampling = OmegaConf.create({"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 12})
+    seeds = [101, 202, 303]
+    batch = [c.token_ids for c in engine.generate(ps, sampling, seed=0, row_seeds=seeds)]
+    alone = [engine.generate([p], sampling, seed=0, row_seeds=[s])[0].token_ids for p, s in zip(ps, seeds)]
+    assert batch == alone
+    reordered = engine.generate(ps[::-1] + ps[:1], sampling, seed=0, row_seeds=seeds[::-1] + seeds[:1])
+    assert [c.token_ids for c in reordered] == batch[::-1] + batch[:1]
+    engine.max_batch = 2
+    assert [c.token_ids for c in engine.generate(ps, sampling, seed=0, row_seeds=seeds)] == batch
+    # seed=... without row seeds: row i gets row_seeds_for(seed, n)[i]
+    engine.max_batch = 256
+    default = engine.generate(ps, sampling, seed=5)
+    assert [c.token_ids for c in default] == [c.token_ids for c in engine.generate(ps, sampling, seed=0,
+                                                                                    row_seeds=row_seeds_for(5, 3))]
+    # it really samples: other seeds give other completions
+    others = [engine.generate(ps, sampling, seed=0, row_seeds=[s + k for s in seeds]) for k in range(1, 4)]
+    assert any([c.token_ids for c in o] != batch for o in others)
+
+
+def test_gumbel_max_samples_the_filtered_softmax():
+    """The sampler's per-row Gumbel-max draws follow softmax(logits / T) restricted to the top-k / top-p set."""
+    from oel_hpc.engines.hf import RowSeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 20000
+    sampler = RowSeededSampler(list(range(n)), temperature=0.7, top_k=4, top_p=1.0, device="cpu")
+    draws = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+    counts = torch.bincount(draws, minlength=6).double() / n
+    expected = torch.softmax(logits[0, :4] / 0.7, -1).double()
+    assert counts[4:].sum() == 0  # outside the top-k: never
+    assert torch.allclose(counts[:4], expected, atol=0.015), (counts, expected)
+    sampler = RowSeededSampler(list(range(n)), temperature=1.0, top_k=0, top_p=0.5, device="cpu")
+    draws = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1)).argmax(-1)
+    p = torch.softmax(logits[0], -1)
+    assert p[0] >= 0.5 and set(draws.tolist()) == {0}  # the top token alone already holds half the mass
 
 
 def test_max_batch_splits_calls_without_changing_greedy_results(random_model_dir):

@@ -1,75 +1,148 @@
-"""Training state on disk: model, optimizer, RNG and step, written atomically, found again by scanning the folder.
+"""Training state on disk with torch.distributed.checkpoint (DCP): model and optimizer (sharded by whatever wrote
+them), plus step, config hash and RNG; written atomically and found again by scanning the folder.
+
+    ckpt/step_<k>/            one complete checkpoint (the folder appears only by rename)
+        .metadata  __<rank>_0.distcp ...   DCP: {"model": ..., "optimizer": ...}, keys as in the HF model
+        rng_rank<r>.pt        torch / python / cuda RNG of each rank that wrote it
+        meta.json             {step, config_hash, world_size, parallel}: written last, before the rename
+        hf/                   (later, once) the model as a Hugging Face folder, made by export_for_eval
+    ckpt/latest               the newest step, for people (resume never reads it: it scans step_*/meta.json)
+    ckpt/.step_<k>.tmp/       a save in progress (a crash leaves it behind; the next save of that step removes it)
 
 A resumed job (crash, requeue) looks for its newest complete checkpoint itself rather than trusting a path it was
-given, and refuses one written under another config.
+given, refuses one written under another config, and may run on another number of ranks than the writer: DCP
+reshards on load. One process (no process group) uses the same format.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
-from oel_hpc.rundir import RunPaths, replace_dir_atomic, write_text_atomic
+from oel_hpc.rundir import RunPaths, replace_dir_atomic, write_json_atomic, write_text_atomic
 
-STATE = "state.pt"
+META = "meta.json"
 
 
-def save(ckpt_dir: Path, step: int, model, optimizer, stage_hash: str, keep: Optional[int] = None) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".step_{step}."))
+def _rng_state() -> dict:
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "config_hash": stage_hash, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng}, tmp / STATE)
+    return rng
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save(ckpt_dir: Path, step: int, model, optimizer, stage_hash: str, keep: Optional[int] = None, d=None,
+         parallel: Optional[str] = None) -> Path:
+    """Every rank calls this (DCP writes each rank's shards). `model` is the Hugging Face model (possibly holding
+    FSDP2-sharded parameters), not its DDP/FSDP wrapper, so the keys are the HF model's own."""
+    rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
+    tmp = ckpt_dir / f".step_{step}.tmp"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that crashed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(d)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_ok():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=_no_dist())
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    _barrier(d)
     final = ckpt_dir / f"step_{step}"
-    replace_dir_atomic(tmp, final)
-    write_text_atomic(ckpt_dir / "latest", f"{step}\n")
-    if keep is not None:
-        for old in sorted(steps(ckpt_dir))[:-keep]:
-            shutil.rmtree(ckpt_dir / f"step_{old}")
+    if rank == 0:
+        write_json_atomic(tmp / META, {"step": step, "config_hash": stage_hash, "world_size": world,
+                                       "parallel": parallel if world > 1 else None})
+        replace_dir_atomic(tmp, final)
+        write_text_atomic(ckpt_dir / "latest", f"{step}\n")
+        if keep is not None:
+            for old in steps(ckpt_dir)[:-keep]:
+                shutil.rmtree(ckpt_dir / f"step_{old}")
+    _barrier(d)
     return final
 
 
 def steps(ckpt_dir: Path) -> list[int]:
-    """Steps with a complete checkpoint (state files appear only by rename, so presence means complete)."""
+    """Steps with a complete checkpoint (a step folder appears only by rename, with its meta.json inside)."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*") if (p / STATE).is_file())
+    return sorted(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*")
+                  if p.name.split("_")[1].isdigit() and (p / META).is_file())
 
 
-def resume(ckpt_dir: Path, model, optimizer, stage_hash: str) -> int:
-    """Load the newest checkpoint into model and optimizer; returns its step, 0 when there is none."""
+def read_meta(path: Path) -> dict:
+    return json.loads((path / META).read_text())
+
+
+def resume(ckpt_dir: Path, model, optimizer, stage_hash: str, d=None) -> int:
+    """Load the newest complete checkpoint on disk into model and optimizer (resharding to this run's ranks);
+    returns its step, 0 when there is none. Every rank calls this; rank 0 picks the checkpoint."""
     found = steps(ckpt_dir)
-    if not found:
+    step = found[-1] if found else 0
+    step = d.broadcast(step) if d is not None else step
+    if not step:
         return 0
-    path = ckpt_dir / f"step_{found[-1]}" / STATE
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["config_hash"] != stage_hash:
-        raise RuntimeError(f"{path} was written under another config (hash {state['config_hash']} != {stage_hash}); "
+    path = ckpt_dir / f"step_{step}"
+    meta = read_meta(path)
+    if meta["config_hash"] != stage_hash:
+        raise RuntimeError(f"{path} was written under another config (hash {meta['config_hash']} != {stage_hash}); "
                            "run.overwrite=true starts this consolidation afresh")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rank = d.rank if d is not None else 0
+    rng_file = path / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():  # more ranks now than when it was written
+        rng_file = path / "rng_rank0.pt"
+    _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return step
 
 
-def export_hf(model, tokenizer, out_dir: Path) -> Path:
+def full_model_state(model, d=None) -> Optional[dict]:
+    """The whole model's state dict on rank 0 (gathered from FSDP2 shards: a collective), None on other ranks."""
+    if d is None or not d.enabled:
+        return None  # the model holds full tensors already
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.is_main:
+        return None
+    # tied parameters (embedding = LM head) come back as separate copies: share them again, so save_pretrained
+    # recognises the tie and writes the weight once, as the unsharded model does
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first and name in state:
+            state[name] = state[first[id(p)]]
+        first.setdefault(id(p), name)
+    return state
+
+
+def export_hf(model, tokenizer, out_dir: Path, state_dict: Optional[dict] = None) -> Path:
     """A Hugging Face folder (safetensors + tokenizer), moved into place only once complete. When several jobs
-    export the same checkpoint at once, the first rename wins and the others discard their copy."""
+    export the same checkpoint at once, the first rename wins and the others discard their copy. `state_dict`
+    replaces the model's own weights (a full state gathered from shards)."""
     if (out_dir / "config.json").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, out_dir)
@@ -81,7 +154,9 @@ def export_hf(model, tokenizer, out_dir: Path) -> Path:
 
 
 def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
-    """The model of an intermediate checkpoint as a Hugging Face folder beside it, exported once."""
+    """The model of an intermediate checkpoint as a Hugging Face folder beside it, exported once (concurrent
+    evaluation tasks may race: the first rename wins). Reads only the model part of the DCP checkpoint, at any
+    number of ranks it was written with; runs in one process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oel_hpc.engines.hf import DTYPES
@@ -90,8 +165,29 @@ def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
     out = paths.ckpt(r, step) / "hf"
     if (out / "config.json").is_file():
         return out
+    if not (paths.ckpt(r, step) / META).is_file():
+        raise FileNotFoundError(f"{paths.ckpt(r, step)} is not a complete checkpoint")
     base = model_path(cfg, paths, r)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[cfg.trainer.dtype])
-    state = torch.load(paths.ckpt(r, step) / STATE, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    state = {"model": get_model_state_dict(model)}
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=paths.ckpt(r, step), no_dist=_no_dist())
+    set_model_state_dict(model, state["model"])
     return export_hf(model, AutoTokenizer.from_pretrained(base), out)
+
+
+@contextmanager
+def _single_process_ok():
+    """DCP warns on every call without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
+
+
+def _no_dist() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def _barrier(d) -> None:
+    if d is not None:
+        d.barrier()

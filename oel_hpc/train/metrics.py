@@ -1,4 +1,5 @@
-"""Per-step training metrics to metrics.jsonl and to wandb (offline unless WANDB_API_KEY is set)."""
+"""Per-step training metrics to metrics.jsonl and to wandb (offline unless WANDB_API_KEY is set). With several
+ranks only rank 0 writes (`enabled=False` elsewhere); the values it logs are already reduced over all ranks."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,12 @@ from oel_hpc.rundir import read_jsonl, write_jsonl_atomic
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int, wandb_cfg, run_name: str, run_config: dict):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int, wandb_cfg, run_name: str, run_config: dict,
+                 enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self.rows, self.wandb = [], None
+        if not enabled:
+            return
         # a resumed job redoes the steps after its checkpoint: drop their rows from the crashed attempt
         self.rows = [row for row in read_jsonl(path) if row["step"] <= resume_step] if path.is_file() else []
         write_jsonl_atomic(path, self.rows)
@@ -34,6 +39,8 @@ class MetricsLog:
         return run
 
     def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
         self.rows.append(row)
         write_jsonl_atomic(self.path, self.rows)
         if self.wandb is not None:

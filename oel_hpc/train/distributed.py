@@ -1,0 +1,247 @@
+"""torch.distributed for consolidation: the process group from the environment, rows balanced across ranks, and
+the model wrapped for data parallelism (DDP replicas or FSDP2 shards).
+
+Where the ranks come from (first match wins):
+- torchrun (or anything that sets the same variables): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+- Slurm, one task per rank (`srun python -m oel_hpc.worker ...`): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the
+  master is the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`), the port derived from SLURM_JOB_ID
+  (MASTER_ADDR / MASTER_PORT in the environment take precedence). Only inside a job *step* (srun sets
+  SLURM_STEP_ID): a batch script itself is not a rank, even when the job has several tasks.
+- Neither, or a world of 1: no process group at all; every collective below is a no-op and training is the plain
+  single-process loop.
+
+One device per local rank (cuda:LOCAL_RANK on GPU nodes); backend `auto` = NCCL on GPU, gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT_BASE = 20000  # Slurm: MASTER_PORT = base + SLURM_JOB_ID % 20000 (a requeued job keeps its id and port)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What the environment says about this process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    source: Optional[str] = None  # "torchrun" | "slurm" | None (single process)
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """The first host of a Slurm node list ("node[01-04],gpu7" → "node01"), expanded by `scontrol show hostnames`."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    hosts = out.stdout.split()
+    if not hosts:
+        raise RuntimeError(f"`scontrol show hostnames {nodelist}` printed no host")
+    return hosts[0]
+
+
+def slurm_master_port(job_id: str | int, base: int = DEFAULT_PORT_BASE) -> int:
+    """A port every rank of one job derives alike; jobs sharing a node get different ones (unless their ids are
+    20000 apart)."""
+    return base + int(str(job_id).split("_")[0]) % 20000
+
+
+def _in_slurm_step(step_id: Optional[str]) -> bool:
+    """srun sets SLURM_STEP_ID for the tasks of a step; the batch script has none. Slurm's special step ids (batch,
+    extern, interactive: 0xfffffffa and above) are not steps of ranks either."""
+    if not step_id:
+        return False
+    return step_id.isdigit() and int(step_id) < 0xFFFFFFFA
+
+
+def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    env = environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
+    if "SLURM_PROCID" in env and _in_slurm_step(env.get("SLURM_STEP_ID")):
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1")
+        if world == 1:
+            return DistEnv(source="slurm")
+        addr = env.get("MASTER_ADDR")
+        if not addr:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise RuntimeError("Slurm step with several tasks but no SLURM_JOB_NODELIST: cannot find the master")
+            addr = slurm_master_addr(nodelist)
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else slurm_master_port(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", "0")), addr, port, "slurm")
+    return DistEnv()
+
+
+class Dist:
+    """This process's rank, world and device, with the few collectives training needs. With a world of 1 (no
+    process group) every collective returns its input."""
+
+    def __init__(self, env: DistEnv, device: torch.device, backend: Optional[str]):
+        self.env, self.device, self.backend = env, device, backend
+        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
+        """Element-wise sum / max over ranks, in float64 (token counts and metric sums stay exact)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return t.tolist()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
+        return box[0]
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(trainer_cfg, local_rank: int) -> torch.device:
+    name = trainer_cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        index = local_rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(name)
+
+
+def init(trainer_cfg, environ: Mapping[str, str] = os.environ, timeout_min: float = 30) -> Dist:
+    """The process group this process belongs to (none for a world of 1). Pair with `Dist.close()`."""
+    env = detect_env(environ)
+    device = pick_device(trainer_cfg, env.local_rank)
+    if env.world_size == 1:
+        return Dist(env, device, None)
+    backend = trainer_cfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        # torchrun: env:// (it may serve the store from its agent: TORCHELASTIC_USE_AGENT_STORE); Slurm: rank 0's
+        # store at the derived address
+        init_method = "env://" if env.source == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
+        dist.init_process_group(backend=backend, init_method=init_method, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_min),
+                                device_id=device if device.type == "cuda" else None)
+    return Dist(env, device, backend)
+
+
+@contextmanager
+def process_group(trainer_cfg, environ: Mapping[str, str] = os.environ):
+    d = init(trainer_cfg, environ)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows across ranks
+
+def partition_by_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Row indices per rank, balanced by tokens: longest rows first, each to the rank with the fewest tokens so far
+    (ties: the lower rank; equal lengths: the lower index first). Deterministic, so every rank computes the same
+    split; each rank's indices come back in ascending order."""
+    loads = [0] * world_size
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        parts[r].append(i)
+        loads[r] += lengths[i]
+    return [sorted(p) for p in parts]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model across ranks
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (the unit FSDP2 shards and gathers one at a time)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` to shard")
+    return list(layers)
+
+
+def wrap(module: torch.nn.Module, layers: Sequence[torch.nn.Module], parallel: str, d: Dist) -> torch.nn.Module:
+    """`module` ready for data-parallel training: itself for a world of 1; DDP replicas; or FSDP2 (`fully_shard` per
+    layer, then the root). Gradients are averaged over ranks either way, so callers scale losses by world size."""
+    if not d.enabled:
+        return module
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # no buffer sync in forward: it is a collective, and ranks run different numbers of forwards (the only
+        # buffers, rotary tables, are equal everywhere anyway)
+        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                   forward_sync_buffers=False)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        return fully_shard(module)
+    raise ValueError(f"trainer.parallel: must be ddp or fsdp, got '{parallel}'")
+
+
+def no_sync(wrapped: torch.nn.Module, sync: bool):
+    """DDP: skip the gradient all-reduce of this backward unless `sync` (the last micro-batch). Others: nothing."""
+    if not sync and hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    return nullcontext()
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+@torch.no_grad()
+def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """dst's parameters := src's, gathering sharded (FSDP2) ones. A collective when src is sharded: every rank calls
+    it, and parameters are visited in the same order everywhere."""
+    targets = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        full = p.full_tensor() if is_sharded(p) else p
+        targets[name].copy_(full)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Gradient clipping that also works on FSDP2's sharded gradients (the norm is computed over all shards)."""
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if is_sharded(total):
+        total = total.full_tensor()
+    if max_norm != float("inf"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -1,0 +1,111 @@
+"""Preemption and time limits: stop at a step boundary with a checkpoint, and (under Slurm) requeue.
+
+SIGUSR2 (Slurm's warning before the time limit, `--signal=USR2@<seconds>`) and SIGTERM (preemption, scancel, the
+time limit itself) only set a flag. At the end of each step every rank all-reduces its flag, so all of them stop
+after the same step even when only some got the signal; they save a checkpoint there and raise `Preempted`, which
+`python -m oel_hpc.worker` turns into exit status `EXIT_PREEMPTED` (75). On SIGUSR2 inside a Slurm job, rank 0
+first runs `scontrol requeue $SLURM_JOB_ID` (all ranks wait for it): the job goes back to the queue, keeps its id,
+and its next start finds this checkpoint on disk and resumes. SIGTERM never requeues (it is also what `scancel`
+sends); a job Slurm preempts with PreemptMode=REQUEUE is requeued by Slurm itself.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run the same task again to resume
+REQUEUE_SIGNALS = ("SIGUSR2",)
+
+
+class Preempted(Exception):
+    """Training stopped early at a step boundary; its state is in `checkpoint`."""
+
+    def __init__(self, step: int, signal_name: str, checkpoint, requeued: bool):
+        self.step, self.signal_name, self.checkpoint, self.requeued = step, signal_name, checkpoint, requeued
+        how = "the Slurm job is requeued and will resume there" if requeued else "run it again to resume there"
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; {how}")
+
+
+class StopSignals:
+    """Context manager: while inside, SIGUSR2 and SIGTERM set `self.received` (the first signal's name) instead of
+    killing the process. Previous handlers come back on exit. Only the main thread can install handlers; elsewhere
+    this does nothing."""
+
+    SIGNALS = ("SIGUSR2", "SIGTERM")
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            print(f"received {name}: stopping with a checkpoint at the end of this step", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        try:
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread
+            self.__exit__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def agreed(self, d=None) -> Optional[str]:
+        """The signal to stop for if *any* rank got one (a collective: every rank calls it at the same step), else
+        None. SIGUSR2 wins over SIGTERM, so a requeue is not lost because another rank saw SIGTERM first."""
+        mine = {None: 0, "SIGTERM": 1, "SIGUSR2": 2}.get(self.received, 1)
+        if d is not None:
+            mine = int(d.all_reduce([mine], op="max")[0])
+        return {0: None, 1: "SIGTERM", 2: "SIGUSR2"}[mine]
+
+
+def slurm_job_id(environ=os.environ) -> Optional[str]:
+    """The id to requeue: the array job's task id form (`<array>_<task>`) for an array task, else SLURM_JOB_ID."""
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID") or None
+
+
+def requeue_slurm_job(job_id: Optional[str] = None) -> bool:
+    """`scontrol requeue <job_id>` (default: this job). True when Slurm accepted it; a failure is reported on stderr
+    and returns False (the caller still exits with its checkpoint saved). Slurm then ends the running job and
+    queues it again under the same id (SLURM_RESTART_COUNT counts the restarts); the job needs `--requeue` or the
+    cluster's JobRequeue=1."""
+    job_id = job_id or slurm_job_id()
+    if not job_id:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"scontrol requeue {job_id} failed: {e}", file=sys.stderr, flush=True)
+        return False
+    if out.returncode != 0:
+        print(f"scontrol requeue {job_id} failed (exit {out.returncode}): {out.stderr.strip()}", file=sys.stderr,
+              flush=True)
+        return False
+    print(f"requeued Slurm job {job_id}", file=sys.stderr, flush=True)
+    return True
+
+
+def stop(signal_name: str, step: int, checkpoint, d=None, requeue: bool = True) -> Preempted:
+    """After the checkpoint of `step` is saved (by every rank): rank 0 requeues the Slurm job when the signal asks
+    for it, every rank waits for that, and the exception to raise comes back (the same on every rank)."""
+    requeued = False
+    if requeue and signal_name in REQUEUE_SIGNALS and slurm_job_id():
+        if d is None or d.is_main:
+            requeued = requeue_slurm_job()
+        if d is not None:
+            requeued = bool(d.broadcast(requeued))
+    elif d is not None:
+        d.barrier()
+    return Preempted(step, signal_name, checkpoint, requeued)
