@@ -1,9 +1,21 @@
-"""`python -m oel_hpc [overrides]`: run the OEL pipeline (Hydra entry point)."""
+"""`python -m oel_hpc [overrides]`: run the OEL pipeline (Hydra entry point).
+
+Two launchers. `cluster.launcher=local` (the default `cluster=local`) runs every stage in this process through
+`@hydra.main`. `cluster.launcher=slurm` (every Slurm preset: `cluster=local_slurm|a100|h100|b200`), or Hydra's
+own launcher switch `-m hydra/launcher=submitit_slurm`, submits the run's DAG as sbatch jobs chained by
+dependencies and exits as soon as they are queued: Hydra's submitit launcher would instead submit the whole app
+as one array job and block until it ends, so it is never started. The config is composed with Hydra's compose
+API (every override, group and `--cfg job` works as usual) and `hydra.launcher.*` values a user may pass
+(partition, account, qos, constraint, timeout_min, gpus_per_node, cpus_per_task, mem_gb, nodes, tasks_per_node,
+signal_delay_s, setup, additional_parameters, ...) are mapped onto `cluster.*` (see HYDRA_LAUNCHER_KEYS).
+`launch.render_only=true` writes the sbatch scripts without submitting.
+"""
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +38,10 @@ def check_group_choices(argv: list[str]) -> None:
 
 
 def run(cfg: DictConfig) -> None:
+    if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
+        # only reachable through Hydra's multirun: main() handles single Slurm runs itself
+        raise ConfigError("cluster.launcher", "Slurm launching takes one run per command; sweeps (key=a,b) are "
+                          "not supported: run the command once per value, each with its own run.name")
     from oel_hpc.launch.local import run_local
     from oel_hpc.pipeline import build_dag
     from oel_hpc.rundir import RunPaths, config_hash
@@ -56,13 +72,171 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Slurm: compose, validate, submit, exit.
+
+STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
+# hydra.launcher.<key> (hydra-submitit-launcher's SlurmQueueConf) → what it sets here.
+HYDRA_LAUNCHER_KEYS = {
+    "partition": "cluster.partition", "account": "cluster.account", "qos": "cluster.qos",
+    "constraint": "cluster.constraint", "gpus_per_node": "cluster.gpus_per_node",
+    "cpus_per_task": "cluster.cpus_per_task", "mem_gb": "cluster.mem_gb",
+    "timeout_min": "cluster.resources.<every stage>.time_min",
+    "nodes": "cluster.resources.consolidate.nodes", "tasks_per_node": "cluster.resources.consolidate.tasks_per_node",
+    "signal_delay_s": "cluster.signal_before_end_s", "setup": "cluster.setup (appended)",
+    "additional_parameters": "cluster.extra_sbatch (appended as --key=value)",
+    "exclude": "cluster.extra_sbatch", "mem_per_gpu": "cluster.extra_sbatch", "mem_per_cpu": "cluster.extra_sbatch",
+    "cpus_per_gpu": "cluster.extra_sbatch", "gpus_per_task": "cluster.extra_sbatch",
+}
+_UNSUPPORTED = {
+    "gres": "use cluster.gpus_per_node (and cluster.gpu_type)",
+    "comment": "every job's comment names its run directory and stage",
+    "name": "job names are oel:<run>:r<round>:<stage>",
+    "array_parallelism": "use hydra.launcher.additional_parameters or cluster.extra_sbatch",
+    "max_num_timeout": "consolidation requeues itself (cluster.requeue); other stages are resubmitted by "
+                       "running the command again",
+    "submitit_folder": "logs go to <run>/logs", "stderr_to_stdout": "stderr goes to the job's log already",
+}
+_LAUNCHER_ARG = re.compile(r"^[+~]{0,2}hydra\.launcher\.(?P<key>\w+)[.=]")
+_SLURM_ARG = re.compile(r"^(hydra/launcher=submitit_slurm|cluster\.launcher=slurm|launch\.render_only=[Tt]rue)$")
+
+
+def _launcher_keys(argv: list[str]) -> list[str]:
+    keys = []
+    for arg in argv:
+        m = _LAUNCHER_ARG.match(arg)
+        if m:
+            key = m["key"]
+            if key in _UNSUPPORTED:
+                raise ConfigError(f"hydra.launcher.{key}", f"not used by oel_hpc's Slurm launcher: {_UNSUPPORTED[key]}")
+            if key not in HYDRA_LAUNCHER_KEYS:
+                raise ConfigError(f"hydra.launcher.{key}", f"unknown (mapped keys: {', '.join(HYDRA_LAUNCHER_KEYS)})")
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def _option(key: str, value) -> str:
+    return f"--{key.replace('_', '-')}" + ("" if value is None or value is True else f"={value}")
+
+
+def compose_config(argv: list[str]) -> DictConfig:
+    """The config `python -m oel_hpc <argv>` runs with, hydra.launcher.* mapped onto cluster.*."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    keys = _launcher_keys(overrides)
+    if keys and "hydra/launcher=submitit_slurm" not in overrides:
+        raise ConfigError(f"hydra.launcher.{keys[0]}", "needs hydra/launcher=submitit_slurm on the command line")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher if "launcher" in cfg.hydra else {}
+    values = {k: OmegaConf.to_container(launcher[k]) if OmegaConf.is_config(launcher[k]) else launcher[k]
+              for k in keys}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        c = cfg.cluster
+        if "hydra/launcher=submitit_slurm" in overrides:
+            c.launcher = "slurm"
+        for key, value in values.items():
+            target = HYDRA_LAUNCHER_KEYS[key]
+            if key == "timeout_min":
+                for stage in STAGES:
+                    c.resources[stage].time_min = value
+            elif key in ("nodes", "tasks_per_node"):
+                c.resources.consolidate[key] = value
+            elif key == "signal_delay_s":
+                c.signal_before_end_s = value
+            elif key == "setup":
+                c.setup = [*c.setup, *(value or [])]
+            elif key == "additional_parameters":
+                c.extra_sbatch = [*c.extra_sbatch, *(_option(k, v) for k, v in (value or {}).items())]
+            elif target == "cluster.extra_sbatch":
+                if value is not None:
+                    c.extra_sbatch = [*c.extra_sbatch, _option(key, value)]
+            else:
+                OmegaConf.update(cfg, target, value)
+    return cfg
+
+
+def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
+    from oel_hpc.launch import slurm
+    from oel_hpc.pipeline import build_dag
+    from oel_hpc.rundir import config_hash
+
+    if show == "job":
+        print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
+        return 0
+    render_only = bool(cfg.launch.render_only)
+    validate(cfg, check_files=not render_only)
+    paths = slurm.check_run_dir(cfg)
+    nodes = build_dag(cfg)
+    if render_only:
+        folder = slurm.render_only(cfg, paths, nodes)
+        print(f"Rendered {len(nodes)} sbatch scripts and submit.sh for run '{cfg.run.name}' into {folder} "
+              "(nothing submitted)")
+        return 0
+    if cfg.cluster.name == "local":
+        print("oel_hpc: note: cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a "
+              "preset such as cluster=local_slurm, a100, h100 or b200", file=sys.stderr)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
+    report = slurm.submit(cfg, paths, nodes, run_hash)
+    print(slurm.format_report(cfg, report))
+    return 0
+
+
+_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc",
+               "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--package", "-p",
+               "--run", "-r", "--experimental-rerun")
+
+
 def main() -> None:
+    argv = sys.argv[1:]
     try:
-        check_group_choices(sys.argv[1:])
+        check_group_choices(argv)
     except ConfigError as e:
         print(f"oel_hpc: error: {e}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        hydra_main()  # Hydra's own flags: Hydra answers
+        return
+    show, resolve, rest, i = None, False, [], 0
+    while i < len(argv):
+        if argv[i] in ("--cfg", "-c") and i + 1 < len(argv):
+            show, i = argv[i + 1], i + 2
+        elif argv[i] == "--resolve":
+            resolve, i = True, i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    wants_slurm = any(_SLURM_ARG.match(a) for a in rest)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from oel_hpc.experience import EmptyExperience
+    from oel_hpc.launch.slurm import SlurmError
+    from oel_hpc.pipeline import StageConflict
+    try:
+        try:
+            cfg = compose_config(rest)
+        except (HydraException, OmegaConfBaseException) as e:
+            if not wants_slurm:
+                hydra_main()  # a sweep, or an error Hydra reports in its own words
+                return
+            message = str(e).strip()
+            if "--multirun" in message:  # Hydra's hint for a sweep value (key=a,b)
+                raise ConfigError("overrides", f"{message.splitlines()[0]}: Slurm launching takes one run per "
+                                  "command; run it once per value, each with its own run.name") from None
+            raise ConfigError("overrides", message.splitlines()[0]) from None
+        if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
+            hydra_main()
+            return
+        sys.exit(slurm_main(cfg, show, resolve))
+    except (ConfigError, StageConflict, SlurmError, EmptyExperience, FileNotFoundError) as e:
+        print(f"oel_hpc: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

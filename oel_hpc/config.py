@@ -150,11 +150,14 @@ class TrainerConfig:
 
 @dataclass
 class StageResources:
+    """What one job of a stage asks Slurm for (an array task of extract/evaluate is one such job)."""
     nodes: int = 1
     tasks_per_node: int = 1  # consolidation: one torch.distributed rank per task
     gpus_per_node: Optional[int] = None  # None = cluster.gpus_per_node
     cpus_per_task: Optional[int] = None  # None = cluster.cpus_per_task
-    time_min: int = 60
+    mem_gb: Optional[int] = None  # per node; None = cluster.mem_gb; 0 = all of the node's memory
+    time_min: int = 60  # --time
+    exclusive: bool = False  # --exclusive: whole nodes (multi-node training)
 
 
 def _stage_resources() -> dict[str, StageResources]:
@@ -169,7 +172,8 @@ class ClusterConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # per job; --gres=gpu:<n> (gpu:<gpu_type>:<n> when gpu_type is set)
+    gpu_type: Optional[str] = None  # a gres type some sites require (e.g. h100); None = any GPU
     cpus_per_task: int = 2
     mem_gb: Optional[int] = None  # per node; None = the partition's default
     resources: dict[str, StageResources] = field(default_factory=_stage_resources)
@@ -179,12 +183,17 @@ class ClusterConfig:
     python: str = "python"  # the interpreter on the compute nodes
     container: Optional[str] = None  # an Apptainer image (.sif) or, with pyxis, an enroot image
     container_runtime: str = "apptainer"  # apptainer | pyxis
+    # bound into the container besides the run directory, a local model folder and gather.source's folder
+    # (e.g. the Hugging Face cache when model.path is a hub id)
+    container_binds: list[str] = field(default_factory=list)
     extra_sbatch: list[str] = field(default_factory=list)  # passed through as `#SBATCH <line>`
 
 
 @dataclass
 class LaunchConfig:
     render_only: bool = False  # write the sbatch scripts (slurm/ in the run directory) without submitting
+    # with render_only: write the scripts, submit.sh and config.yaml here instead (e.g. the committed slurm/)
+    render_dir: Optional[str] = None
 
 
 @dataclass
@@ -294,6 +303,8 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("trainer.parallel", f"must be ddp or fsdp, got '{cfg.trainer.parallel}'")
     if cfg.cluster.launcher not in ("local", "slurm"):
         raise ConfigError("cluster.launcher", f"must be local or slurm, got '{cfg.cluster.launcher}'")
+    if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
+        validate_cluster(cfg)
     if cfg.trainer.name != "torch":
         raise ConfigError("trainer.name", f"unknown trainer '{cfg.trainer.name}' (available: torch)")
     if cfg.evaluate.steps not in ("first_last", "all"):
@@ -336,3 +347,49 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
             if vocab is not None and cfg.consolidate.topk > vocab:
                 raise ConfigError("consolidate.topk", f"k={cfg.consolidate.topk} is larger than the vocabulary ({vocab})")
+
+
+def validate_cluster(cfg: DictConfig) -> None:
+    """The cluster and launch sections, checked before anything is rendered or submitted."""
+    from oel_hpc.launch import render
+
+    c = cfg.cluster
+    if c.container_runtime not in ("apptainer", "pyxis"):
+        raise ConfigError("cluster.container_runtime", f"must be apptainer or pyxis, got '{c.container_runtime}'")
+    for key in ("name", "partition", "account", "qos", "constraint", "gpu_type", "python", "container"):
+        value = c[key]
+        if value is not None:
+            if not str(value).strip():
+                raise ConfigError(f"cluster.{key}", "must not be empty (use null)")
+            render.sbatch_value(f"cluster.{key}", value)  # no newline or control character
+    if c.gpus_per_node < 0 or c.cpus_per_task <= 0 or (c.mem_gb is not None and c.mem_gb < 0):
+        raise ConfigError("cluster", "gpus_per_node must be >= 0, cpus_per_task > 0, mem_gb >= 0 or null")
+    for stage in ("extract", "gather", "deploy", "consolidate", "evaluate"):
+        if stage not in c.resources:
+            raise ConfigError(f"cluster.resources.{stage}", "missing")
+        r = c.resources[stage]
+        key = f"cluster.resources.{stage}"
+        for name in ("nodes", "tasks_per_node", "time_min"):
+            if r[name] <= 0:
+                raise ConfigError(f"{key}.{name}", f"must be positive, got {r[name]}")
+        if r.gpus_per_node is not None and r.gpus_per_node < 0:
+            raise ConfigError(f"{key}.gpus_per_node", f"must be >= 0 or null, got {r.gpus_per_node}")
+        if r.cpus_per_task is not None and r.cpus_per_task <= 0:
+            raise ConfigError(f"{key}.cpus_per_task", f"must be positive or null, got {r.cpus_per_task}")
+        if r.mem_gb is not None and r.mem_gb < 0:
+            raise ConfigError(f"{key}.mem_gb", f"must be >= 0 or null, got {r.mem_gb}")
+        if stage != "consolidate" and (r.nodes != 1 or r.tasks_per_node != 1):
+            raise ConfigError(key, f"{stage} runs one process per job: nodes and tasks_per_node must be 1")
+    if c.signal_before_end_s <= 0 or c.signal_before_end_s >= c.resources.consolidate.time_min * 60:
+        raise ConfigError("cluster.signal_before_end_s",
+                          f"must be positive and shorter than consolidation's time limit "
+                          f"({c.resources.consolidate.time_min} min), got {c.signal_before_end_s}")
+    for i, line in enumerate(c.extra_sbatch):
+        render.check_sbatch_line(f"cluster.extra_sbatch[{i}]", line)
+    for i, line in enumerate(c.setup):
+        render.check_setup_line(f"cluster.setup[{i}]", line)
+    render.check_path_for_slurm("run.root", str(Path(cfg.run.root).expanduser().resolve()))
+    if c.container is not None:
+        for i, b in enumerate(c.container_binds):
+            render.check_bind_path(f"cluster.container_binds[{i}]", str(b))
+        render.check_bind_path("run.root", str(Path(cfg.run.root).expanduser().resolve()))

@@ -143,6 +143,23 @@ def plan(paths: RunPaths, nodes: list[Node], overwrite: bool) -> list[tuple[Node
 
 # ---------------------------------------------------------------------------------------------------------------
 # The manifest: what the dashboard reads.
+#
+# manifest.json = {run, config_hash, stages: [entry, ...]} with one entry per DAG node, in DAG order:
+#   id "r<round>/<stage>", round, stage, tasks (array indices: seeds / checkpoint steps; null = one task), hash,
+#   depends_on (node ids), state, job_ids, started, ended, seconds (local runs).
+#   state: pending | running | done | failed (local launcher); submitted (Slurm launcher: its jobs are queued;
+#     the DONE markers and sacct/squeue tell the rest, the launcher never learns when a job ends) or done (every
+#     task was DONE when the Slurm launcher last ran).
+#   job_ids: every job id submitted for the stage, newest last, as strings: "local" for the local launcher; for
+#     Slurm the job id, for an array the array's job id (its tasks show in sacct as "<id>_<task>"); a
+#     resubmission of some tasks is a new array holding only their indices.
+# Added by the Slurm launcher (oel_hpc.launch.slurm):
+#   submitted: time of the newest submission; script: the sbatch script it ran, relative to the run directory
+#   (slurm/r<round>_<stage>.sbatch); submissions: [{job_id, tasks (the array indices this job covers, null for
+#   a single job), dependency (the job refs it waits for: "<id>" or "<array id>_<task>"), submitted}], oldest first.
+# An entry keeps these fields across invocations while its hash is unchanged; a changed hash starts it afresh.
+MANIFEST_KEPT = ("state", "job_ids", "started", "ended", "seconds", "submitted", "script", "submissions")
+
 
 @dataclass
 class Manifest:
@@ -164,7 +181,7 @@ class Manifest:
                      "depends_on": n.deps, "state": "pending", "job_ids": [], "started": None, "ended": None}
             prev = old.get(n.id)
             if prev and prev.get("hash") == n.hash:
-                entry.update({k: prev[k] for k in ("state", "job_ids", "started", "ended", "seconds") if k in prev})
+                entry.update({k: prev[k] for k in MANIFEST_KEPT if k in prev})
             stages.append(entry)
         manifest = cls(paths, run, run_hash, stages)
         manifest.save()
