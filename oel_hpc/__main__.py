@@ -63,6 +63,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from oel_hpc.experience import EmptyExperience
     from oel_hpc.pipeline import StageConflict
     from oel_hpc.prompts import PromptTooLong
+    from oel_hpc.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         validate(cfg)
@@ -70,6 +71,9 @@ def hydra_main(cfg: DictConfig) -> None:
     except (ConfigError, StageConflict, PromptTooLong, EmptyExperience, FileNotFoundError) as e:
         print(f"oel_hpc: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:  # SIGTERM/USR2 during consolidation: checkpointed; the same command resumes
+        print(f"oel_hpc: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -187,6 +187,7 @@ def directives(cfg: DictConfig, run_dir: Path, node) -> list[tuple[str, str]]:
         ("--job-name", job_name(cfg, node)),
         ("--comment", f"oel_hpc run={run_dir} stage={node.id}"),
         ("--output", str(log)),
+        ("--open-mode", "append"),  # a requeued job adds to its log instead of wiping the preempted attempt's
     ]
     if node.tasks is not None:
         d.append(("--array", array_spec(node.tasks)))

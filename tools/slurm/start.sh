@@ -125,7 +125,9 @@ SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCK
+# cred_expire: a requeued job may start again only once its old credential expired (default 120 s); short here
+# so preemption tests need not wait two minutes
+AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/slurmd
