@@ -4,7 +4,7 @@ them), plus step, config hash and RNG; written atomically and found again by sca
     ckpt/step_<k>/            one complete checkpoint (the folder appears only by rename)
         .metadata  __<rank>_0.distcp ...   DCP: {"model": ..., "optimizer": ...}, keys as in the HF model
         rng_rank<r>.pt        torch / python / cuda RNG of each rank that wrote it
-        meta.json             {step, config_hash, world_size, parallel}: written last, before the rename
+        meta.json             {step, config_hash, world_size, trainer, ...}: written last, before the rename
         hf/                   (later, once) the model as a Hugging Face folder, made by export_for_eval
     ckpt/latest               the newest step, for people (resume never reads it: it scans step_*/meta.json)
     ckpt/.step_<k>.tmp/       a save in progress (a crash leaves it behind; the next save of that step removes it)
@@ -27,8 +27,7 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from oel_hpc.rundir import RunPaths, replace_dir_atomic, write_json_atomic, write_text_atomic
 
@@ -49,10 +48,9 @@ def _set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save(ckpt_dir: Path, step: int, model, optimizer, stage_hash: str, keep: Optional[int] = None, d=None,
-         parallel: Optional[str] = None) -> Path:
-    """Every rank calls this (DCP writes each rank's shards). `model` is the Hugging Face model (possibly holding
-    FSDP2-sharded parameters), not its DDP/FSDP wrapper, so the keys are the HF model's own."""
+def save(ckpt_dir: Path, step: int, trainer, stage_hash: str, keep: Optional[int] = None, d=None) -> Path:
+    """Every rank calls this (DCP writes each rank's shards): `trainer.checkpoint_state()` (model and optimizer
+    under the backend's keys) and its `checkpoint_meta()` into meta.json."""
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
     tmp = ckpt_dir / f".step_{step}.tmp"
     if rank == 0:
@@ -61,15 +59,14 @@ def save(ckpt_dir: Path, step: int, model, optimizer, stage_hash: str, keep: Opt
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(d)
-    model_state, optim_state = get_state_dict(model, optimizer)
     with _single_process_ok():
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=_no_dist())
+        dcp.save(trainer.checkpoint_state(), checkpoint_id=tmp, no_dist=_no_dist())
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     _barrier(d)
     final = ckpt_dir / f"step_{step}"
     if rank == 0:
         write_json_atomic(tmp / META, {"step": step, "config_hash": stage_hash, "world_size": world,
-                                       "parallel": parallel if world > 1 else None})
+                                       **trainer.checkpoint_meta()})
         replace_dir_atomic(tmp, final)
         write_text_atomic(ckpt_dir / "latest", f"{step}\n")
         if keep is not None:
@@ -91,9 +88,10 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / META).read_text())
 
 
-def resume(ckpt_dir: Path, model, optimizer, stage_hash: str, d=None) -> int:
-    """Load the newest complete checkpoint on disk into model and optimizer (resharding to this run's ranks);
-    returns its step, 0 when there is none. Every rank calls this; rank 0 picks the checkpoint."""
+def resume(ckpt_dir: Path, trainer, stage_hash: str, d=None) -> int:
+    """Load the newest complete checkpoint on disk into the trainer's model and optimizer (resharding to this run's
+    ranks where the backend can); returns its step, 0 when there is none. Every rank calls this; rank 0 picks the
+    checkpoint."""
     found = steps(ckpt_dir)
     step = found[-1] if found else 0
     step = d.broadcast(step) if d is not None else step
@@ -104,11 +102,11 @@ def resume(ckpt_dir: Path, model, optimizer, stage_hash: str, d=None) -> int:
     if meta["config_hash"] != stage_hash:
         raise RuntimeError(f"{path} was written under another config (hash {meta['config_hash']} != {stage_hash}); "
                            "run.overwrite=true starts this consolidation afresh")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    trainer.check_checkpoint(meta, path)
+    state = trainer.checkpoint_state()
     with _single_process_ok():
         dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer.load_checkpoint_state(state)
     rank = d.rank if d is not None else 0
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():  # more ranks now than when it was written
