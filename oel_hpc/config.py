@@ -146,6 +146,10 @@ class TrainerConfig:
     # With several processes (Slurm tasks or torchrun): replicate (ddp) or shard (fsdp: FSDP2 fully_shard).
     parallel: str = "ddp"
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
+    # trainer=megatron only: tensor-parallel size (data parallel = ranks / tp) and the core attention
+    # (auto = TransformerEngine when installed, else sdpa; local = megatron's stock unfused attention)
+    tp: int = 1
+    attention: str = "auto"
 
 
 @dataclass
@@ -305,8 +309,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("cluster.launcher", f"must be local or slurm, got '{cfg.cluster.launcher}'")
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
         validate_cluster(cfg)
-    if cfg.trainer.name != "torch":
-        raise ConfigError("trainer.name", f"unknown trainer '{cfg.trainer.name}' (available: torch)")
+    validate_trainer(cfg)
     if cfg.evaluate.steps not in ("first_last", "all"):
         raise ConfigError("evaluate.steps", f"must be first_last or all, got '{cfg.evaluate.steps}'")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
@@ -347,6 +350,32 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
             if vocab is not None and cfg.consolidate.topk > vocab:
                 raise ConfigError("consolidate.topk", f"k={cfg.consolidate.topk} is larger than the vocabulary ({vocab})")
+
+
+def validate_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    if t.name not in ("torch", "megatron"):
+        raise ConfigError("trainer.name", f"unknown trainer '{t.name}' (available: torch, megatron)")
+    if t.name != "megatron":
+        return
+    if not isinstance(t.tp, int) or t.tp < 1:
+        raise ConfigError("trainer.tp", f"must be a positive integer, got {t.tp}")
+    if t.attention not in ("auto", "sdpa", "te", "local"):
+        raise ConfigError("trainer.attention", f"must be auto, sdpa, te or local, got '{t.attention}'")
+    if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
+        res = cfg.cluster.resources.consolidate
+        ranks = res.nodes * res.tasks_per_node
+        if ranks % t.tp:
+            raise ConfigError("trainer.tp", f"{t.tp} does not divide the consolidation's {ranks} ranks "
+                              f"(cluster.resources.consolidate: {res.nodes} nodes x {res.tasks_per_node} tasks)")
+    elif t.tp > 1:
+        raise ConfigError("trainer.tp", f"{t.tp} needs {t.tp} ranks, but cluster.launcher=local runs consolidation "
+                          "as one process; use a Slurm preset (cluster=local_slurm, ...) or torchrun")
+    import importlib.util
+
+    # the image brings its own packages; otherwise the jobs inherit this environment
+    if not cfg.cluster.container and importlib.util.find_spec("megatron") is None:
+        raise ConfigError("trainer.name", "megatron needs megatron-core: pip install 'oel_hpc[megatron]'")
 
 
 def validate_cluster(cfg: DictConfig) -> None:
