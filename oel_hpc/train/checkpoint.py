@@ -167,11 +167,39 @@ def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
         raise FileNotFoundError(f"{paths.ckpt(r, step)} is not a complete checkpoint")
     base = model_path(cfg, paths, r)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[cfg.trainer.dtype])
-    state = {"model": get_model_state_dict(model)}
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=paths.ckpt(r, step), no_dist=_no_dist())
-    set_model_state_dict(model, state["model"])
+    meta = read_meta(paths.ckpt(r, step))
+    if meta.get("trainer", "torch") == "megatron":
+        _load_megatron_shards(model, paths.ckpt(r, step), meta["tp"])
+    else:
+        state = {"model": get_model_state_dict(model)}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=paths.ckpt(r, step), no_dist=_no_dist())
+        set_model_state_dict(model, state["model"])
     return export_hf(model, AutoTokenizer.from_pretrained(base), out)
+
+
+def _load_megatron_shards(model, path: Path, tp: int) -> None:
+    """A megatron checkpoint's TP shards (`tp<r>_of_<tp>.model.*`), reassembled into the HF model. Pure tensor
+    work (no megatron import): shapes come from the checkpoint's own metadata."""
+    from oel_hpc.megatron.convert import megatron_to_hf
+    from oel_hpc.megatron.trainer import shard_key
+
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    shards = []
+    for rank in range(tp):
+        prefix = f"{shard_key(rank, tp)}.model."
+        template = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+                    for k, m in stored.items() if k.startswith(prefix)}
+        state = {shard_key(rank, tp): {"model": template}}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+        shards.append(state[shard_key(rank, tp)]["model"])
+    hf_state = megatron_to_hf(shards, model.config)
+    missing, unexpected = model.load_state_dict(hf_state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: megatron shards do not match the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
 
 
 @contextmanager

@@ -1,0 +1,188 @@
+"""trainer=megatron: the consolidation step on megatron-core GPTModels split by tensor parallelism.
+
+The same backend interface as train/torch_trainer.py, so train/consolidate.py runs unchanged. The ranks form a
+grid of tp × dp (megatron's parallel_state): the `tp` ranks of one group hold one copy of the model, each a slice
+of every layer and a vocabulary shard of the LM head; they see the same rows, sample the same responses (the
+sampler is a full HF copy, per-row seeds), and compute the loss over vocab-parallel logits
+(train/loss_vocab_parallel.py). The dp groups split the rows and sum their gradients.
+
+Sampling and the final export go through a Hugging Face copy of the student, refreshed from the TP shards every
+step (an all-gather in the TP group): simple and exact, but a full copy per rank — fine up to a few B parameters.
+Checkpoints (DCP) hold each TP rank's model and optimizer state under `tp<r>_of_<tp>`; data-parallel replicas
+write one copy. They resume at the same tp (any dp); evaluation exports reassemble them without megatron.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from oel_hpc.engines.hf import DTYPES
+from oel_hpc.megatron import convert
+from oel_hpc.megatron.model import build_gpt, final_hidden, finalize_grads, output_weight
+from oel_hpc.train import checkpoint, distributed
+from oel_hpc.train.loss_vocab_parallel import vocab_parallel_topk_reverse_kl
+from oel_hpc.train.torch_trainer import pad_batch
+
+
+def shard_key(tp_rank: int, tp: int) -> str:
+    return f"tp{tp_rank}_of_{tp}"
+
+
+def _init_parallel(d: distributed.Dist, tp: int):
+    """megatron's process groups; it needs torch.distributed even for one process (a private one-rank group)."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        store = tempfile.NamedTemporaryFile(prefix="oel-megatron-pg-", delete=False).name
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                                rank=0, world_size=1)
+    world = dist.get_world_size()
+    if world % tp:
+        raise ValueError(f"trainer.tp: {tp} does not divide the {world} ranks of this job")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    if d.device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)  # dropout is 0: the seed only has to be set
+    return parallel_state
+
+
+class MegatronTrainer:
+    name = "megatron"
+
+    def __init__(self, cfg, base: Path, d: distributed.Dist, lr: float, weight_decay: float):
+        t = cfg.trainer
+        self.d, self.tp = d, t.tp
+        ps = _init_parallel(d, t.tp)
+        self.tp_group, self.dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        dtype = DTYPES[t.dtype]
+        self.hf_config = AutoConfig.from_pretrained(base)
+        self.vocab_size = self.hf_config.vocab_size
+
+        self.sampler = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(d.device).eval()
+        hf_state = {k: v.detach().cpu() for k, v in self.sampler.state_dict().items()}
+        cpu = d.device.type == "cpu"
+
+        def build():
+            model = build_gpt(self.hf_config, tp=t.tp, dtype=dtype, attention=t.attention, cpu=cpu)
+            convert.load_hf(model, hf_state, self.hf_config, self.tp_rank, t.tp)
+            return model.to(d.device)
+
+        self.student = build().train()
+        self.teacher = build().eval().requires_grad_(False)
+        del hf_state
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def describe(self) -> str:
+        return f"{self.d.world_size} ranks (megatron tp={self.tp} x dp={self.dp_size})"
+
+    @torch.no_grad()
+    def refresh_sampler(self) -> None:
+        """The HF sampler := the student's current weights (an all-gather in the TP group)."""
+        state = convert.gather_hf_state(self.student, self.hf_config, self.tp_group)
+        for name, p in self.sampler.named_parameters():
+            if name not in state:
+                raise KeyError(f"the student's gathered weights have no '{name}' for the HF sampler")
+            p.copy_(state[name].to(p.device, p.dtype))
+
+    def forward_passes(self, n: int) -> int:
+        return n  # TP ranks of a group run the same micro-batches; dp groups only meet at the gradient sum
+
+    def dp_all_reduce(self, values):
+        if self.dp_size == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.d.device)
+        dist.all_reduce(t, group=self.dp_group)
+        return t.tolist()
+
+    def normalizer(self, tokens: int) -> float:
+        return tokens  # gradients are summed over dp, not averaged
+
+    def _hidden(self, model, sequences, lens, pad_id) -> torch.Tensor:
+        ids, _, positions = pad_batch(sequences, lens, pad_id, self.d.device)
+        h = final_hidden(model, ids)  # right padding: a causal mask alone is exact for the real positions
+        return h.reshape(-1, h.size(-1))[positions]
+
+    @torch.no_grad()
+    def teacher_hidden(self, sequences, lens, pad_id) -> torch.Tensor:
+        return self._hidden(self.teacher, sequences, lens, pad_id)
+
+    def accumulate(self, last: bool):
+        return nullcontext()  # gradients are reduced once, in optimizer_step
+
+    def student_loss(self, sequences, lens, pad_id, teacher_hidden, normalizer, loss_args):
+        h = self._hidden(self.student, sequences, lens, pad_id)
+        out = vocab_parallel_topk_reverse_kl(h, output_weight(self.student), teacher_hidden,
+                                             output_weight(self.teacher), vocab_size=self.vocab_size,
+                                             group=self.tp_group, normalizer=normalizer, **loss_args)
+        return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
+
+    def optimizer_step(self, grad_clip: float) -> float:
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        finalize_grads(self.student, self.tp_group)
+        if self.dp_size > 1:
+            flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
+            dist.all_reduce(flat, group=self.dp_group)
+            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
+                p.grad.copy_(g)
+        norm = self._grad_norm(params)
+        if grad_clip > 0:
+            scale = min(1.0, grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
+            if scale < 1.0:
+                for p in params:
+                    p.grad.mul_(scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _grad_norm(self, params) -> float:
+        """2-norm over the whole model: TP-split weights count every shard, replicated ones once."""
+        split = torch.zeros((), dtype=torch.float64, device=self.d.device)
+        replicated = split.clone()
+        for p in params:
+            sq = p.grad.detach().double().pow(2).sum()
+            if getattr(p, "tensor_model_parallel", False):
+                split += sq
+            else:
+                replicated += sq
+        if self.tp > 1:
+            dist.all_reduce(split, group=self.tp_group)
+        return math.sqrt((split + replicated).item())
+
+    def checkpoint_state(self) -> dict:
+        opts = StateDictOptions(strict=False)
+        model_state, optim_state = get_state_dict(self.student, self.optimizer, options=opts)
+        model_state = {k: v for k, v in model_state.items() if not convert.is_extra_state(k)}
+        return {shard_key(self.tp_rank, self.tp): {"model": model_state, "optimizer": optim_state}}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        mine = state[shard_key(self.tp_rank, self.tp)]
+        set_state_dict(self.student, self.optimizer, model_state_dict=mine["model"],
+                       optim_state_dict=mine["optimizer"], options=StateDictOptions(strict=False))
+
+    def checkpoint_meta(self) -> dict:
+        return {"trainer": self.name, "tp": self.tp}
+
+    def check_checkpoint(self, meta: dict, path: Path) -> None:
+        if meta.get("trainer", "torch") != self.name:
+            raise RuntimeError(f"{path} was written by trainer={meta.get('trainer', 'torch')}, this is "
+                               f"trainer={self.name}; run.overwrite=true starts this consolidation afresh")
+        if meta.get("tp") != self.tp:
+            raise RuntimeError(f"{path} was written at trainer.tp={meta.get('tp')}, this job has trainer.tp={self.tp}:"
+                               f" resume with trainer.tp={meta.get('tp')} (any number of data-parallel ranks)")
+
+    def export(self, tokenizer, out_dir: Path) -> None:
+        self.refresh_sampler()  # a collective in every TP group
+        if self.d.is_main:
+            checkpoint.export_hf(self.sampler, tokenizer, out_dir)
