@@ -424,3 +424,35 @@ def _worker(work: Path) -> None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+# ------------------------------------------------------------------------------------------------ paper shapes
+# Qwen3 dense configs as published on the Hub (config.json), the sizes the recipes use
+QWEN3_SHAPES = {
+    "0.6B": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 intermediate_size=3072, tie_word_embeddings=True),
+    "1.7B": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                 intermediate_size=6144, tie_word_embeddings=True),
+    "4B": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=9728, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=12288, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("size", QWEN3_SHAPES)
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_paper_model_shapes_configure_at_every_tp(size, tp):
+    from transformers import Qwen3Config
+
+    from oel_hpc.megatron.convert import padded_vocab_size
+    from oel_hpc.megatron.model import transformer_config
+
+    hf = Qwen3Config(vocab_size=151936, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **QWEN3_SHAPES[size])
+    c = transformer_config(hf, tp=tp, dtype=torch.bfloat16, cpu=False)
+    assert (c.num_layers, c.hidden_size, c.ffn_hidden_size) == (hf.num_hidden_layers, hf.hidden_size,
+                                                                hf.intermediate_size)
+    assert (c.num_attention_heads, c.num_query_groups, c.kv_channels) == (hf.num_attention_heads, 8, 128)
+    assert c.qk_layernorm and c.bf16 and c.tensor_model_parallel_size == tp
+    assert padded_vocab_size(151936, tp) % (128 * tp) == 0 and padded_vocab_size(151936, tp) >= 151936
