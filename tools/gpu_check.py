@@ -426,7 +426,7 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
 
     def torch_step():
-        h = model.get_decoder()(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        h = model.get_decoder()(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         out = topk_reverse_kl(h.reshape(-1, s.hidden), model.lm_head.weight, teacher_hidden, teacher_head,
                               **loss_args)
         out.loss.backward()

@@ -41,8 +41,13 @@ def pad_batch(sequences: list[list[int]], response_lens: list[int], pad_id: int,
 def decoder_hidden(model, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Final hidden states at `positions` (flat indices): [N, H]. Only the decoder runs; logits are left to the
     chunked loss."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.size(-1))[positions]
+
+
+def response_hidden(model, sequences: list[list[int]], response_lens: list[int], pad_id: int) -> torch.Tensor:
+    """Final hidden states at the positions that predict each response token, rows concatenated: [Σ len, H]."""
+    return decoder_hidden(model, *pad_batch(sequences, response_lens, pad_id, model.device))
 
 
 class Distiller(torch.nn.Module):
@@ -102,7 +107,7 @@ class TorchTrainer:
 
     @torch.no_grad()
     def teacher_hidden(self, sequences, lens, pad_id) -> torch.Tensor:
-        return decoder_hidden(self.teacher, *pad_batch(sequences, lens, pad_id, self.d.device))
+        return response_hidden(self.teacher, sequences, lens, pad_id)
 
     def accumulate(self, last: bool):
         """DDP: all-reduce gradients only in the last micro-batch's backward."""
