@@ -1,6 +1,7 @@
 """Preemption on the real test cluster: a consolidation job gets the time-limit warning (USR2) at a random step,
 checkpoints, requeues itself, starts again, resumes from the checkpoint it finds on disk, and ends with the same
-weights as an uninterrupted run. Skipped without the Slurm test cluster (SLURM_CONF)."""
+weights as an uninterrupted run; with trainer=torch (1 task) and trainer=megatron (tp=2: 2 tasks). Skipped without
+the Slurm test cluster (SLURM_CONF)."""
 import json
 import random
 import shutil
@@ -33,8 +34,26 @@ def sacct_states(job_id):
     return [line.split("|")[1].split(" ")[0] for line in out.stdout.splitlines() if line]
 
 
-def test_usr2_at_a_random_step_requeues_and_resumes_to_the_same_weights(tmp_path):
-    # the reference: the same config, uninterrupted, in one local process
+def megatron_reference(run, tmp_path):
+    """The uninterrupted trainer=megatron tp=2 consolidation of `run`'s inputs: 2 gloo ranks under torchrun."""
+    from omegaconf import OmegaConf
+
+    from tests.test_distributed import finish
+    from tests.test_megatron_trainer import as_megatron, shim_env
+
+    ref = as_megatron(run, tmp_path / "mg-ref" / "tiny-frozenlake", tp=2)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "oel_hpc.worker", str(ref), "r1/consolidate"], cwd=ROOT, env=shim_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    codes, out = finish([proc], timeout=420)
+    assert codes == [0], out[-4000:]
+    assert OmegaConf.load(ref / "config.yaml").trainer.tp == 2
+    return ref
+
+
+@pytest.mark.parametrize("trainer", ["torch", "megatron"])
+def test_usr2_at_a_random_step_requeues_and_resumes_to_the_same_weights(tmp_path, trainer):
+    # the reference: the same config, uninterrupted, in one local process (megatron: 2 ranks under torchrun)
     local = subprocess.run([sys.executable, "-m", "oel_hpc", f"run.root={tmp_path / 'local'}", *COMMON],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stderr[-3000:]
@@ -44,7 +63,17 @@ def test_usr2_at_a_random_step_requeues_and_resumes_to_the_same_weights(tmp_path
     shutil.copytree(reference, run)
     for p in ("round_1/consolidate", "round_1/eval"):
         shutil.rmtree(run / p)
-    out = oel(tmp_path / "slurm", *COMMON, "cluster.resources.consolidate.tasks_per_node=1")
+    if trainer == "megatron":
+        import os
+
+        from tests.test_megatron_trainer import shim_env
+
+        pytest.importorskip("megatron.core")
+        reference = megatron_reference(reference, tmp_path)
+        out = oel(tmp_path / "slurm", *COMMON, "trainer=megatron", "trainer.tp=2", "trainer.attention=sdpa",
+                  env=shim_env(SLURM_CONF=os.environ["SLURM_CONF"]))
+    else:
+        out = oel(tmp_path / "slurm", *COMMON, "cluster.resources.consolidate.tasks_per_node=1")
     assert out.returncode == 0, out.stdout + out.stderr
     stages = {s["id"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
     job = stages["r1/consolidate"]["job_ids"][-1]

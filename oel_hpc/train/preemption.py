@@ -103,6 +103,9 @@ def stop(signal_name: str, step: int, checkpoint, d=None, requeue: bool = True) 
     requeued = False
     if requeue and signal_name in REQUEUE_SIGNALS and slurm_job_id():
         if d is None or d.is_main:
+            # said first: Slurm kills the job as soon as it accepts the requeue, before the exception is reported
+            print(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; requeueing the Slurm job",
+                  file=sys.stderr, flush=True)
             requeued = requeue_slurm_job()
         if d is not None:
             requeued = bool(d.broadcast(requeued))
