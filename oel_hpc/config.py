@@ -120,6 +120,9 @@ class ConsolidateConfig:
     temperature: float = 0.7  # of the loss; the paper uses the sampling temperature
     renormalize: bool = False  # renormalise student and teacher over the student's top-k
     chunk_size: int = 1024  # response positions per logits chunk
+    # loss implementation: auto = the fused Triton kernel on CUDA (when triton imports), chunked PyTorch elsewhere;
+    # chunked | fused force one (fused needs CUDA; trainer=megatron runs it at tp=1 only)
+    loss_impl: str = "auto"
     micro_batch_tokens: int = 20480
     allow_empty_experience: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -329,6 +332,15 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             raise ConfigError(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.consolidate.keep_checkpoints is not None and cfg.consolidate.keep_checkpoints <= 0:
         raise ConfigError("consolidate.keep_checkpoints", "must be positive or null")
+    loss_impl = cfg.consolidate.get("loss_impl", "auto")
+    if loss_impl not in ("auto", "chunked", "fused"):
+        raise ConfigError("consolidate.loss_impl", f"must be auto, chunked or fused, got '{loss_impl}'")
+    if loss_impl == "fused" and cfg.trainer.device == "cpu":
+        raise ConfigError("consolidate.loss_impl", "fused is the Triton GPU kernel, but trainer.device=cpu; use "
+                          "consolidate.loss_impl=chunked (or auto: chunked on CPU)")
+    if loss_impl == "fused" and cfg.trainer.name == "megatron" and cfg.trainer.get("tp", 1) > 1:
+        raise ConfigError("consolidate.loss_impl", f"fused is not vocab-parallel: trainer=megatron at "
+                          f"tp={cfg.trainer.tp} runs the chunked loss only; use consolidate.loss_impl=auto or chunked")
     if cfg.extract.use_step > cfg.extract.steps:
         raise ConfigError("extract.use_step", f"{cfg.extract.use_step} is after the last step ({cfg.extract.steps})")
     if cfg.deploy.steps < cfg.consolidate.steps:

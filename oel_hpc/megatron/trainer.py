@@ -27,6 +27,7 @@ from oel_hpc.engines.hf import DTYPES
 from oel_hpc.megatron import convert
 from oel_hpc.megatron.model import build_gpt, final_hidden, finalize_grads, output_weight
 from oel_hpc.train import checkpoint, distributed
+from oel_hpc.train.loss import topk_reverse_kl
 from oel_hpc.train.loss_vocab_parallel import vocab_parallel_topk_reverse_kl
 from oel_hpc.train.torch_trainer import pad_batch
 
@@ -123,6 +124,16 @@ class MegatronTrainer:
 
     def student_loss(self, sequences, lens, pad_id, teacher_hidden, normalizer, loss_args):
         h = self._hidden(self.student, sequences, lens, pad_id)
+        loss_args = dict(loss_args)
+        impl = loss_args.pop("impl", "auto")  # loss.py's choice (auto | chunked | fused); vocab-parallel: chunked only
+        if self.tp == 1:  # the whole head is here: loss.py's topk_reverse_kl (what the vocab-parallel loss is at tp=1)
+            V = self.vocab_size
+            out = topk_reverse_kl(h, output_weight(self.student)[:V], teacher_hidden, output_weight(self.teacher)[:V],
+                                  normalizer=normalizer, impl=impl, **loss_args)
+            return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
+        if impl == "fused":
+            raise ValueError(f"consolidate.loss_impl=fused is not vocab-parallel: trainer=megatron at tp={self.tp} "
+                             "runs the chunked loss only (use loss_impl=auto or chunked)")
         out = vocab_parallel_topk_reverse_kl(h, output_weight(self.student), teacher_hidden,
                                              output_weight(self.teacher), vocab_size=self.vocab_size,
                                              group=self.tp_group, normalizer=normalizer, **loss_args)

@@ -8,9 +8,16 @@ S_t = the student's top-k ids (picked without gradient):
 With k = V this is the exact reverse KL. `topk_reverse_kl` is the production path: it takes hidden states of the
 valid response positions and the LM-head weights and never materialises an [N × V] tensor — logits exist one
 chunk of positions at a time, in forward and (recomputed) in backward.
+
+Two implementations sit behind `topk_reverse_kl(..., impl=)`: "chunked" (the PyTorch autograd.Function below; runs
+on any device) and "fused" (the Triton kernels of loss_triton.py; CUDA only, imported lazily). "auto" picks fused
+when the tensors are on CUDA and triton imports, chunked otherwise; asking for "fused" where it cannot run is an
+error, never a silent fallback.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -144,13 +151,47 @@ class _ChunkedTopKReverseKL(torch.autograd.Function):
         return gh, None if gW is None else gW.to(Ws.dtype), None, None, None, None, None, None
 
 
+IMPLS = ("auto", "chunked", "fused")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising something else at import
+        return False
+    return importlib.util.find_spec("oel_hpc.train.loss_triton") is not None
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+    """"chunked" or "fused" for these tensors. auto = fused when every tensor is on CUDA (in a dtype the kernels
+    take: float32, bfloat16, float16) and triton imports, else chunked; "fused" where it cannot run raises."""
+    if impl not in IMPLS:
+        raise ValueError(f"loss impl must be one of {', '.join(IMPLS)}, got '{impl}'")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        ok = on_cuda and all(t.dtype in _FUSED_DTYPES for t in tensors) and _triton_imports()
+        return "fused" if ok else "chunked"
+    if impl == "fused":
+        if not on_cuda:
+            devices = sorted({str(t.device) for t in tensors})
+            raise ValueError(f"loss impl 'fused' is the Triton GPU kernel and needs CUDA tensors, got them on "
+                             f"{', '.join(devices)}; use impl='chunked' (or 'auto', which picks chunked off the GPU)")
+        if not _triton_imports():
+            raise ValueError("loss impl 'fused' needs triton and oel_hpc.train.loss_triton, which do not import "
+                             "here; use impl='chunked' or 'auto'")
+    return impl
+
+
 def topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: torch.Tensor,
                     teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tensor, *,
                     k: int = 256, temperature: float = 0.7, renormalize: bool = False, chunk_size: int = 1024,
-                    normalizer: float | int | torch.Tensor | None = None) -> LossOutput:
+                    normalizer: float | int | torch.Tensor | None = None, impl: str = "auto") -> LossOutput:
     """Top-k reverse KL from hidden states of the N valid response positions (gathered across rows) and the
     LM-head weights ([V, H], no bias). loss = Σ ℓ_t / normalizer (default N); pass the global token count as
-    normalizer when accumulating over micro-batches or ranks so the result is one token mean over all of them."""
+    normalizer when accumulating over micro-batches or ranks so the result is one token mean over all of them.
+    impl: "auto" | "chunked" | "fused" (module docstring); chunk_size is the chunked path's only."""
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
         raise ValueError(f"hidden states must be [N, H], got student {tuple(student_hidden.shape)}, "
                          f"teacher {tuple(teacher_hidden.shape)}")
@@ -172,6 +213,12 @@ def topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: torch.Ten
     if not (torch.as_tensor(normalizer) > 0).all():
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
 
+    if resolve_impl(impl, student_hidden, student_head_weight, teacher_hidden, teacher_head_weight) == "fused":
+        from oel_hpc.train.loss_triton import fused_topk_reverse_kl  # lazily: triton is GPU-only
+
+        return fused_topk_reverse_kl(student_hidden, student_head_weight, teacher_hidden.detach(),
+                                     teacher_head_weight.detach(), k=k, temperature=float(temperature),
+                                     renormalize=renormalize, normalizer=normalizer)
     kl, ent_s, ent_t = _ChunkedTopKReverseKL.apply(
         student_hidden, student_head_weight, teacher_hidden.detach(), teacher_head_weight.detach(),
         k, float(temperature), renormalize, chunk_size)

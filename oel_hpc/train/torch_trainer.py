@@ -61,11 +61,11 @@ class Distiller(torch.nn.Module):
         self.student = student
 
     def forward(self, ids, attention, positions, teacher_hidden, teacher_head, normalizer, *, k: int,
-                temperature: float, renormalize: bool, chunk_size: int):
+                temperature: float, renormalize: bool, chunk_size: int, impl: str = "auto"):
         h = decoder_hidden(self.student, ids, attention, positions)
         out = topk_reverse_kl(h, self.student.lm_head.weight, teacher_hidden, teacher_head, k=k,
                               temperature=temperature, renormalize=renormalize, chunk_size=chunk_size,
-                              normalizer=normalizer)
+                              normalizer=normalizer, impl=impl)
         return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
 
 
