@@ -146,7 +146,10 @@ class _ChunkedTopKReverseKL(torch.autograd.Function):
             if need_h:
                 gh[i:j] = dz @ Ws
             if need_W:
-                gW.add_(dz.t() @ hs[i:j])
+                if gW.dtype == dz.dtype:
+                    gW.addmm_(dz.t(), hs[i:j])  # in place: no [V, H] temporary per chunk
+                else:
+                    gW.add_(dz.t() @ hs[i:j])
             del lp, dz
         return gh, None if gW is None else gW.to(Ws.dtype), None, None, None, None, None, None
 
