@@ -528,7 +528,7 @@ def test_consolidate_passes_loss_impl():
 
 def test_bench_loss_smoke():
     cmd = [sys.executable, str(ROOT / "tools" / "bench_loss.py"), "--shape", "64,32,500,16", "--reps", "1",
-           "--device", "cpu"]
+           "--device", "cpu", "--rounds", "1"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     out = p.stdout
