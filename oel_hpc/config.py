@@ -153,6 +153,9 @@ class TrainerConfig:
     # (auto = TransformerEngine when installed, else sdpa; local = megatron's stock unfused attention)
     tp: int = 1
     attention: str = "auto"
+    # trainer=megatron only: auto = distributed on CUDA (float32/bfloat16), adamw otherwise; adamw = torch AdamW on
+    # each rank's shard; distributed = megatron's distributed optimizer (state sharded over data parallel, CUDA only)
+    optimizer: str = "auto"
 
 
 @dataclass
@@ -368,8 +371,21 @@ def validate_trainer(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.name not in ("torch", "megatron"):
         raise ConfigError("trainer.name", f"unknown trainer '{t.name}' (available: torch, megatron)")
+    optimizer = t.get("optimizer", "auto")
+    if optimizer not in ("auto", "adamw", "distributed"):
+        raise ConfigError("trainer.optimizer", f"must be auto, adamw or distributed, got '{optimizer}'")
     if t.name != "megatron":
+        if optimizer == "distributed":
+            raise ConfigError("trainer.optimizer", "distributed is megatron's distributed optimizer: it needs "
+                              "trainer=megatron (the torch trainer shards its optimizer with trainer.parallel=fsdp)")
         return
+    if optimizer == "distributed":
+        if t.device == "cpu":
+            raise ConfigError("trainer.optimizer", "distributed (megatron's distributed optimizer) needs CUDA, but "
+                              "trainer.device=cpu; use trainer.optimizer=adamw (or auto: adamw on CPU)")
+        if t.dtype == "float16":
+            raise ConfigError("trainer.optimizer", "distributed supports float32 and bfloat16, not float16 (it would "
+                              "need a loss scaler); use trainer.dtype=bfloat16 or trainer.optimizer=adamw")
     if not isinstance(t.tp, int) or t.tp < 1:
         raise ConfigError("trainer.tp", f"must be a positive integer, got {t.tp}")
     if t.attention not in ("auto", "sdpa", "te", "local"):

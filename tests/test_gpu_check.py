@@ -1,6 +1,6 @@
 """tools/gpu_check.py: its MFU arithmetic, and --cpu-smoke, which runs every code path of the GPU check (parity,
-both backends' training steps, the report) at a tiny shape on the CPU. The GPU run itself (tools/gpu_check.sh)
-needs a GPU machine."""
+both backends' training steps, the report) at a tiny shape on the CPU, except the distributed-optimizer line (CUDA
+only: skipped, with its reason printed). The GPU run itself (tools/gpu_check.sh) needs a GPU machine."""
 from __future__ import annotations
 
 import importlib.util
@@ -59,6 +59,9 @@ def test_gpu_check_cpu_smoke():
     for line in torch_line + mg_line:
         assert re.search(r"[\d,]+ tokens/s", line), line
     assert re.search(r"^RATIO megatron\[sdpa\]/torch: [\d.]+x", out, re.M), out
+    # the distributed-optimizer line needs CUDA: skipped on the CPU, saying why
+    assert re.search(r"^SKIP megatron\+distopt\[sdpa\]: .*needs CUDA", out, re.M), out
+    assert not any(line.startswith("THROUGHPUT megatron+distopt") for line in lines), out
     # same weights, ids and teacher: the two backends' first losses agree
     m = re.search(r"^LOSS\(step 0\) megatron\[sdpa\] vs torch: .* \(rel diff ([\d.e+-]+);", out, re.M)
     assert m and float(m.group(1)) < 1e-4, out

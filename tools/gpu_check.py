@@ -37,13 +37,20 @@ optionally).
    Not counted: the loss's recomputed student logits in backward and the teacher's logits (4 * H * V per token).
    Peak memory = ``torch.cuda.max_memory_allocated`` with the statistics reset after everything of the previous
    backend is freed (it includes the fixed teacher tensors, ~0.6 GiB, for both).
+   A third line, ``megatron+distopt[<attention>]``: the megatron backend with megatron's distributed optimizer, the
+   trainer's own ``oel_hpc.megatron.optimizer.DistributedAdam`` (``trainer.optimizer=distributed``; DDP wrapper with
+   fp32 gradient buffers + ``get_megatron_optimizer``, dp=1): same forward/loss/backward, then ``finalize_model_grads``
+   and megatron's clip + Adam step, fp32 master weights (so more memory than the plain-AdamW line, which steps the
+   bf16 weights). Its first loss must equal the others'; its tokens/s and memory are also compared with the
+   plain-AdamW megatron line (``RATIO megatron+distopt[...]/megatron[...]``).
    Targets, reported and never failed on: megatron >= 1.25 x torch tokens/s, megatron MFU >= 40 %.
 
 Exit status: 0 when parity passes; 1 when a parity check fails or a loss is not finite; a crash exits non-zero
 with its traceback.
 
 ``--cpu-smoke``: a tiny Qwen3 (hidden 64, 2 layers, vocab 1000 so that the vocabulary padding is exercised), fp32
-throughput on the CPU, parity in fp32 and bf16. megatron-core needs CPU shims there; they are test-only code
+throughput on the CPU, parity in fp32 and bf16; the distributed-optimizer line is skipped there, with the reason
+printed (``SKIP megatron+distopt[...]``: it needs CUDA). megatron-core needs CPU shims there; they are test-only code
 (``tests/megatron_support/shims.py``) and this script, which lives in tools/ rather than in the package, imports
 them only in this mode. On a GPU no shims are used.
 """
@@ -464,6 +471,31 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
         results.append(bench(f"megatron[{attention}]", s, env, megatron_step, peak_tf))
         report(results[-1])
         del mg, mg_opt, megatron_step
+
+    # ---- megatron backend with megatron's distributed optimizer: the trainer's code path (trainer.optimizer=
+    # distributed), imported from the package
+    for attention in attentions:
+        name = f"megatron+distopt[{attention}]"
+        if env.cpu:
+            log(f"SKIP {name}: megatron's distributed optimizer needs CUDA (megatron allocates its gradient buffers "
+                f"and scalars on CUDA); trainer.optimizer=auto uses torch AdamW on CPU")
+            continue
+        from oel_hpc.megatron.optimizer import DistributedAdam
+
+        env.free()
+        mg = build_megatron(s, env, state, dtype, attention).train()
+        dist_opt = DistributedAdam(mg, lr=1e-6, weight_decay=0.0, grad_clip=1.0)
+
+        def distopt_step():
+            h = final_hidden(mg, ids)  # the GPTModel is called directly; the DDP hooks fill the fp32 grad buffers
+            out = topk_reverse_kl(h.reshape(-1, s.hidden), head(mg), teacher_hidden, teacher_head, **loss_args)
+            out.loss.backward()
+            dist_opt.step()  # finalize_model_grads, clip 1.0, Adam step, all-gather, zero the buffers
+            return out.loss.detach()
+
+        results.append(bench(name, s, env, distopt_step, peak_tf))
+        report(results[-1])
+        del mg, dist_opt, distopt_step
     env.free()
     log(f"   throughput part took {time.perf_counter() - t_start:.0f} s")
     return results
@@ -471,6 +503,7 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
 
 def report_targets(results: list[Result]) -> None:
     base = results[0]
+    by_name = {r.name: r for r in results}
     for r in results[1:]:
         ratio = r.tokens_per_s / base.tokens_per_s
         met = "MET" if ratio >= TARGET_RATIO else "NOT MET"
@@ -485,6 +518,12 @@ def report_targets(results: list[Result]) -> None:
         d = abs(r.loss0 - base.loss0) / max(abs(base.loss0), 1e-12)
         log(f"LOSS(step 0) {r.name} vs torch: {r.loss0:.6f} vs {base.loss0:.6f} (rel diff {d:.2e}; same weights, "
             f"same teacher)")
+        plain = by_name.get(r.name.replace("megatron+distopt[", "megatron[")) if "+distopt[" in r.name else None
+        if plain is not None:
+            memory = (f", peak memory {r.peak / plain.peak:.3f}x ({gib(r.peak):.1f} vs {gib(plain.peak):.1f} GiB)"
+                      if r.peak is not None and plain.peak is not None else "")
+            log(f"RATIO {r.name}/{plain.name}: {r.tokens_per_s / plain.tokens_per_s:.3f}x tokens/s{memory} "
+                f"(distributed optimizer vs plain AdamW, dp=1)")
 
 
 # ------------------------------------------------------------------------------------------------------- main

@@ -8,8 +8,14 @@ sampler is a full HF copy, per-row seeds), and compute the loss over vocab-paral
 
 Sampling and the final export go through a Hugging Face copy of the student, refreshed from the TP shards every
 step (an all-gather in the TP group): simple and exact, but a full copy per rank — fine up to a few B parameters.
+The optimizer (`trainer.optimizer`, megatron/optimizer.py): `adamw` = torch.optim.AdamW on each rank's shard,
+gradients reduced by hand in `optimizer_step` (CPU and GPU); `distributed` = megatron's DistributedDataParallel +
+DistributedOptimizer, state sharded over dp (CUDA only; not yet run: no GPU so far); `auto` = distributed on CUDA.
+
 Checkpoints (DCP) hold each TP rank's model and optimizer state under `tp<r>_of_<tp>`; data-parallel replicas
-write one copy. They resume at the same tp (any dp); evaluation exports reassemble them without megatron.
+write one copy of the model (and, with adamw, of the optimizer; the distributed optimizer's shards are per dp
+rank). They resume at the same tp (adamw: any dp; distributed: the same dp) and the same resolved optimizer;
+evaluation exports reassemble the model shards without megatron.
 """
 from __future__ import annotations
 
@@ -20,12 +26,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from oel_hpc.engines.hf import DTYPES
 from oel_hpc.megatron import convert
 from oel_hpc.megatron.model import build_gpt, final_hidden, finalize_grads, output_weight
+from oel_hpc.megatron.optimizer import loss_normalizer, resolve
 from oel_hpc.train import checkpoint, distributed
 from oel_hpc.train.loss import topk_reverse_kl
 from oel_hpc.train.loss_vocab_parallel import vocab_parallel_topk_reverse_kl
@@ -57,6 +70,21 @@ def _init_parallel(d: distributed.Dist, tp: int):
     return parallel_state
 
 
+def check_optimizer(meta: dict, path, kind: str, dp_size: int) -> None:
+    """Refuse a checkpoint whose optimizer state this job cannot load: another optimizer (the two store different
+    state; megatron checkpoints from before trainer.optimizer are adamw), or the distributed optimizer's shards at
+    another number of data-parallel ranks."""
+    written = meta.get("optimizer", "adamw")
+    if written != kind:
+        raise RuntimeError(f"{path} holds the state of trainer.optimizer={written}, this job runs trainer.optimizer="
+                           f"{kind} (auto = distributed on CUDA, adamw elsewhere) and cannot read it: resume where it "
+                           f"resolves to {written}, or run.overwrite=true to start this consolidation afresh")
+    if kind == "distributed" and meta.get("dp") != dp_size:
+        raise RuntimeError(f"{path} was written by the distributed optimizer at {meta.get('dp')} data-parallel ranks, "
+                           f"this job has {dp_size}: its optimizer shards only load at the same dp; resume with "
+                           f"{meta.get('dp')} x trainer.tp ranks")
+
+
 class MegatronTrainer:
     name = "megatron"
 
@@ -68,6 +96,7 @@ class MegatronTrainer:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         dtype = DTYPES[t.dtype]
+        self.optimizer_kind = resolve(t.get("optimizer", "auto"), d.device, t.dtype)  # adamw | distributed
         self.hf_config = AutoConfig.from_pretrained(base)
         self.vocab_size = self.hf_config.vocab_size
 
@@ -83,10 +112,20 @@ class MegatronTrainer:
         self.student = build().train()
         self.teacher = build().eval().requires_grad_(False)
         del hf_state
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=weight_decay)
+        self.dist_opt = None
+        if self.optimizer_kind == "distributed":
+            from oel_hpc.megatron.optimizer import DistributedAdam
+
+            # the student stays the GPTModel, called directly; dist_opt.ddp owns its gradient buffers
+            self.dist_opt = DistributedAdam(self.student, lr=lr, weight_decay=weight_decay,
+                                            grad_clip=cfg.consolidate.grad_clip)
+            self.optimizer = self.dist_opt.optimizer
+        else:
+            self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=weight_decay)
 
     def describe(self) -> str:
-        return f"{self.d.world_size} ranks (megatron tp={self.tp} x dp={self.dp_size})"
+        extra = ", distributed optimizer" if self.optimizer_kind == "distributed" else ""
+        return f"{self.d.world_size} ranks (megatron tp={self.tp} x dp={self.dp_size}{extra})"
 
     @torch.no_grad()
     def refresh_sampler(self) -> None:
@@ -108,7 +147,9 @@ class MegatronTrainer:
         return t.tolist()
 
     def normalizer(self, tokens: int) -> float:
-        return tokens  # gradients are summed over dp, not averaged
+        # adamw: gradients summed over dp -> the global token count; distributed: megatron's DDP averages them over
+        # dp -> tokens / dp (see optimizer.loss_normalizer); either way the update is the step's token mean
+        return loss_normalizer(tokens, self.dp_size, self.optimizer_kind)
 
     def _hidden(self, model, sequences, lens, pad_id) -> torch.Tensor:
         ids, _, positions = pad_batch(sequences, lens, pad_id, self.d.device)
@@ -120,7 +161,7 @@ class MegatronTrainer:
         return self._hidden(self.teacher, sequences, lens, pad_id)
 
     def accumulate(self, last: bool):
-        return nullcontext()  # gradients are reduced once, in optimizer_step
+        return nullcontext()  # gradients are reduced once, in optimizer_step (both optimizers)
 
     def student_loss(self, sequences, lens, pad_id, teacher_hidden, normalizer, loss_args):
         h = self._hidden(self.student, sequences, lens, pad_id)
@@ -140,6 +181,8 @@ class MegatronTrainer:
         return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
 
     def optimizer_step(self, grad_clip: float) -> float:
+        if self.dist_opt is not None:  # finalize_model_grads (dp reduce-scatter, q/k-norm TP sum), clip, step, zero
+            return self.dist_opt.step(grad_clip)
         params = [p for p in self.student.parameters() if p.grad is not None]
         finalize_grads(self.student, self.tp_group)
         if self.dp_size > 1:
@@ -171,19 +214,34 @@ class MegatronTrainer:
             dist.all_reduce(split, group=self.tp_group)
         return math.sqrt((split + replicated).item())
 
+    def _dp_key(self) -> str:
+        return f"dp{self.dp_rank}_of_{self.dp_size}"
+
     def checkpoint_state(self) -> dict:
         opts = StateDictOptions(strict=False)
+        if self.dist_opt is not None:  # the model as below; the optimizer: this rank's shard, under its dp rank
+            model_state = get_model_state_dict(self.student, options=opts)
+            model_state = {k: v for k, v in model_state.items() if not convert.is_extra_state(k)}
+            return {shard_key(self.tp_rank, self.tp): {
+                "model": model_state, "dist_optimizer": {self._dp_key(): self.dist_opt.checkpoint_state()}}}
         model_state, optim_state = get_state_dict(self.student, self.optimizer, options=opts)
         model_state = {k: v for k, v in model_state.items() if not convert.is_extra_state(k)}
         return {shard_key(self.tp_rank, self.tp): {"model": model_state, "optimizer": optim_state}}
 
     def load_checkpoint_state(self, state: dict) -> None:
         mine = state[shard_key(self.tp_rank, self.tp)]
+        if self.dist_opt is not None:
+            set_model_state_dict(self.student, mine["model"], options=StateDictOptions(strict=False))
+            self.dist_opt.load_checkpoint_state(mine["dist_optimizer"][self._dp_key()])
+            return
         set_state_dict(self.student, self.optimizer, model_state_dict=mine["model"],
                        optim_state_dict=mine["optimizer"], options=StateDictOptions(strict=False))
 
     def checkpoint_meta(self) -> dict:
-        return {"trainer": self.name, "tp": self.tp}
+        meta = {"trainer": self.name, "tp": self.tp, "optimizer": self.optimizer_kind}
+        if self.dist_opt is not None:
+            meta["dp"] = self.dp_size  # the optimizer shards follow the dp layout
+        return meta
 
     def check_checkpoint(self, meta: dict, path: Path) -> None:
         if meta.get("trainer", "torch") != self.name:
@@ -192,6 +250,7 @@ class MegatronTrainer:
         if meta.get("tp") != self.tp:
             raise RuntimeError(f"{path} was written at trainer.tp={meta.get('tp')}, this job has trainer.tp={self.tp}:"
                                f" resume with trainer.tp={meta.get('tp')} (any number of data-parallel ranks)")
+        check_optimizer(meta, path, self.optimizer_kind, self.dp_size)
 
     def export(self, tokenizer, out_dir: Path) -> None:
         self.refresh_sampler()  # a collective in every TP group

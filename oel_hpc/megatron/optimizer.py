@@ -1,0 +1,227 @@
+"""`trainer.optimizer` of trainer=megatron: which optimizer steps the student, and megatron-core's distributed one.
+
+    auto         distributed on CUDA (float32 / bfloat16), adamw otherwise (the CPU, float16)
+    adamw        torch.optim.AdamW on each rank's whole TP shard; gradients reduced by hand (megatron/trainer.py)
+    distributed  megatron's DistributedDataParallel + DistributedOptimizer (ZeRO-1): the Adam state, an fp32
+                 master copy of the weights (bfloat16) and the fp32 gradient buffer are sharded over the
+                 data-parallel ranks; CUDA only (megatron allocates its buffers and scalars on CUDA)
+
+`DistributedAdam` is the distributed path behind three calls, shared by the trainer and tools/gpu_check.py::
+
+    opt = DistributedAdam(student, lr=..., weight_decay=..., grad_clip=...)  # student: the (unwrapped) GPTModel
+    ... forward/backward of every micro-batch (student called directly; gradients land in opt.ddp's buffers)
+    grad_norm = opt.step()       # finalize_model_grads + optimizer.step(), then the buffers are zeroed again
+
+Same update as the adamw path: Adam with decoupled weight decay on every parameter (`config_overrides={}`: megatron
+otherwise exempts norms and biases), torch's AdamW betas/eps, clipping by the global norm with coefficient
+clip / (norm + 1e-6) as torch.nn.utils.clip_grad_norm_. The global norm is taken over the world (each rank's
+fp32 gradient shard; TP-split weights per shard, replicated ones on TP rank 0 only; DP shards are disjoint): the
+adamw path's norm. In float32 the two paths agree up to summation order; in bfloat16 this one steps fp32 master
+weights with fp32 gradients while the adamw path steps the bf16 weights directly, so they differ (this one is the
+more exact). float16 is refused: megatron would need a loss scaler, and steps skipped on overflow.
+
+Gradient convention, checked against megatron-core 0.16.1's finalize_model_grads.py:
+- the DDP hooks add each parameter's .grad into its fp32 `main_grad` buffer; `finalize_model_grads` reduce-scatters
+  the buffers over dp (gradient_scaling_factor 1/dp: an AVERAGE, see `loss_normalizer`), then all-reduces over the
+  TP group exactly the q/k layernorm gradients of Qwen3 (`_allreduce_non_tensor_model_parallel_grads`: the set of
+  `model.tp_partial_grad_params`, so `model.finalize_grads` must not run too), and at pp=1 nothing else (the
+  embedding and position-embedding groups have one rank);
+- the gradient of the final hidden states is summed over the TP group by the vocab-parallel loss's backward, an
+  autograd op that finalize_model_grads does not see: nothing is summed twice.
+
+Checkpoints (the same step folder, meta.json and DCP call of train/checkpoint.py; the trainer nests the pieces):
+
+    tp<r>_of_<tp>.model.*                          the model, exactly as the adamw path writes it (DP replicas
+                                                   write one copy): evaluation exports read it unchanged
+    tp<r>_of_<tp>.dist_optimizer.dp<d>_of_<dp>.*   rank (r, d)'s shard of the optimizer: for every parameter
+                                                   shard of its inner Adam, the fp32 master slice ("main") and
+                                                   the Adam state (exp_avg, exp_avg_sq, step), plus any
+                                                   per-group step (TransformerEngine's FusedAdam keeps it there)
+
+Each rank writes and reads only its own shard: no gather, no full-size copy, nothing but DCP's own collectives. The
+shards follow megatron's gradient-buffer layout, which depends on the number of data-parallel ranks, so such a
+checkpoint resumes at the same tp AND dp only (the trainer refuses another dp, naming it). The adamw path resumes
+at any dp; resharding this one would take megatron's dist_checkpointing (`optimizer.sharded_state_dict(
+model.sharded_state_dict(), metadata={"distrib_optim_sharding_type": "fully_reshardable"})`), a second on-disk
+format beside DCP, for consolidation jobs that requeue on the same allocation anyway.
+
+Not yet run on a GPU (no session so far had one): `tools/gpu_check.py` exercises `DistributedAdam` (dp=1) on the
+first. tests/test_megatron_optimizer.py runs it on the CPU, megatron's own code with gloo (which reduce-scatters
+and all-gathers in torch 2.13), under a test-only pretend-CUDA mode (tests/megatron_support/fake_cuda.py): whole
+consolidations at tp=2 x dp=2 give the adamw path's weights, resume exactly, refuse another dp or optimizer.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+KINDS = ("auto", "adamw", "distributed")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _dtype_name(dtype: Union[str, torch.dtype]) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype)) if isinstance(dtype, torch.dtype) else str(dtype)
+
+
+def resolve(kind: str, device: Union[str, torch.device], dtype: Union[str, torch.dtype]) -> str:
+    """The optimizer `trainer.optimizer=kind` means for a trainer on `device` with parameters in `dtype`: "adamw"
+    or "distributed". ValueError (naming trainer.optimizer) for an unknown kind, or "distributed" off CUDA or in
+    float16."""
+    device, dtype = torch.device(device), _dtype_name(dtype)
+    if kind not in KINDS:
+        raise ValueError(f"trainer.optimizer: must be auto, adamw or distributed, got '{kind}'")
+    if kind == "auto":
+        return "distributed" if device.type == "cuda" and dtype != "float16" else "adamw"
+    if kind == "distributed":
+        if device.type != "cuda":
+            raise ValueError(f"trainer.optimizer: distributed (megatron's distributed optimizer) needs CUDA, but the "
+                             f"trainer runs on {device.type}; use trainer.optimizer=adamw (or auto)")
+        if dtype == "float16":
+            raise ValueError("trainer.optimizer: distributed supports float32 and bfloat16, not float16 (it would "
+                             "need a loss scaler); use trainer.dtype=bfloat16 or trainer.optimizer=adamw")
+    return kind
+
+
+def loss_normalizer(tokens: int, dp_size: int, kind: str) -> float:
+    """What the summed KL of a rank's micro-batches is divided by, so that the update is the token mean over the
+    whole step (all dp ranks). The adamw path SUMS the gradients over dp: the global token count. megatron's DDP
+    AVERAGES them (it scales each rank's gradient by 1/dp before the reduce-scatter): tokens / dp, so that
+    (1/dp) * sum_r dp * grad(kl_r) / tokens = sum_r grad(kl_r) / tokens, the same update."""
+    if kind == "distributed":
+        return tokens / dp_size
+    return tokens
+
+
+# ------------------------------------------------------------------------- checkpoint shards (pure torch)
+def _restore(live, saved):
+    """`saved` into `live` in place when both are tensors (DCP has usually loaded into `live` already: then they
+    are the same object), else the saved value."""
+    if torch.is_tensor(live) and torch.is_tensor(saved):
+        if live is not saved:
+            live.copy_(saved)
+        return live
+    return saved
+
+
+def ensure_state(optimizers) -> None:
+    """Give every inner optimizer its state tensors (exp_avg, exp_avg_sq, step: what a first step creates), so that
+    `shard_state` can serve as DCP's load template before any step. Done as megatron does
+    (DistributedOptimizer._init_optimizer_states_with_dummy_values): one step with zero gradients. Its weight decay
+    moves the master weights, which the load overwrites."""
+    for opt in optimizers:
+        if opt is None:
+            continue
+        params = [p for group in opt.param_groups for p in group["params"] if p.numel() > 0]
+        if not params or all(opt.state.get(p) for p in params):
+            continue
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def shard_state(optimizers) -> dict:
+    """This rank's optimizer shards as a DCP-ready dict: for inner optimizer c, parameter i of group g,
+    `opt<c>.group<g>_param<i>` = {"main": the (fp32 master) parameter shard, its Adam state tensors}, and
+    `opt<c>.group<g>.step` where the optimizer counts steps per group. Live tensors, not copies: DCP saves them,
+    and loads into them in place."""
+    out = {}
+    for c, opt in enumerate(optimizers):
+        if opt is None:
+            continue
+        entry = {}
+        for g, group in enumerate(opt.param_groups):
+            if "step" in group:
+                entry[f"group{g}"] = {"step": group["step"]}
+            for i, p in enumerate(group["params"]):
+                entry[f"group{g}_param{i}"] = {"main": p.detach(), **opt.state.get(p, {})}
+        out[f"opt{c}"] = entry
+    return out
+
+
+@torch.no_grad()
+def load_shard_state(optimizers, state: dict) -> None:
+    """The inverse of `shard_state`: `state` (as DCP loaded it into `shard_state`'s template) into the optimizers."""
+    for c, opt in enumerate(optimizers):
+        if opt is None:
+            continue
+        entry = state[f"opt{c}"]
+        for g, group in enumerate(opt.param_groups):
+            if "step" in group:
+                group["step"] = _restore(group["step"], entry[f"group{g}"]["step"])
+            for i, p in enumerate(group["params"]):
+                saved = entry[f"group{g}_param{i}"]
+                _restore(p.detach(), saved["main"])
+                live = opt.state[p]
+                for key, value in saved.items():
+                    if key != "main":
+                        live[key] = _restore(live.get(key), value)
+
+
+# ------------------------------------------------------------------------------- the distributed path
+class DistributedAdam:
+    """megatron-core's DistributedDataParallel (fp32 gradient buffers, no overlap) around `model`, and its
+    DistributedOptimizer (Adam, decoupled weight decay) over the data-parallel group of megatron's parallel_state.
+    Needs CUDA, torch.distributed and initialize_model_parallel done; `model` is a GPTModel (or any MegatronModule)
+    already on the current CUDA device, its parameters in float32 or bfloat16. The model keeps being called
+    directly; `ddp` only owns the gradient buffers and their reduction."""
+
+    def __init__(self, model, *, lr: float, weight_decay: float, grad_clip: float):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = model.config  # the TransformerConfig
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"trainer.optimizer: distributed supports float32 and bfloat16 parameters, not {dtype}")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,  # main_grad in fp32 whatever the parameter dtype
+            overlap_grad_reduce=False,  # one synchronous reduce-scatter in finalize_model_grads
+            overlap_param_gather=False,  # one synchronous all-gather at the end of optimizer.step()
+            use_distributed_optimizer=True,
+            average_in_collective=False,  # pre-scale by 1/dp, then sum (see loss_normalizer)
+        )
+        self.ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        self.config = OptimizerConfig(
+            optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+            decoupled_weight_decay=True, clip_grad=grad_clip, bf16=dtype == torch.bfloat16, fp16=False,
+            params_dtype=dtype, use_distributed_optimizer=True)
+        # config_overrides={}: weight decay on every parameter, as torch.optim.AdamW(model.parameters()) does (None
+        # would exempt biases and 1-d weights); no gloo groups: nothing here gathers over gloo
+        self.optimizer = get_megatron_optimizer(self.config, [self.ddp], config_overrides={},
+                                                use_gloo_process_groups=False)
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        """Empty the gradient buffers: before the first micro-batch of a step (done at construction and after
+        every step)."""
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self, grad_clip: float | None = None) -> float:
+        """Reduce the accumulated gradients (dp reduce-scatter, TP sum of the q/k-norm gradients), clip, step, gather
+        the updated weights into every rank's model, zero the buffers. Returns the global gradient norm before
+        clipping."""
+        from megatron.core.distributed import finalize_model_grads
+
+        if grad_clip is not None:
+            self.config.clip_grad = grad_clip  # the config object every chained optimizer reads
+        finalize_model_grads([self.ddp])
+        success, grad_norm, _ = self.optimizer.step()
+        self.zero_grad()
+        if not success:  # only with a loss scaler (float16), which is refused
+            raise RuntimeError("megatron's distributed optimizer skipped the step (non-finite gradients)")
+        return float(grad_norm)
+
+    def _inner(self) -> list:
+        return [getattr(o, "optimizer", None) for o in self.optimizer.chained_optimizers]
+
+    def checkpoint_state(self) -> dict:
+        """This rank's shard (see the module doc); before any step it first allocates the state (`ensure_state`)
+        so that the dict can be DCP's load template."""
+        ensure_state(self._inner())
+        return shard_state(self._inner())
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        load_shard_state(self._inner(), state)
