@@ -413,6 +413,7 @@ def test_auto_picks_fused_on_cuda_when_triton_imports(monkeypatch):
     assert resolve_impl("auto", *t) == "fused"
     assert resolve_impl("auto", *[_fake_cuda(torch.bfloat16)] * 4) == "fused"
     assert resolve_impl("auto", *[_fake_cuda(torch.float64)] * 4) == "chunked"
+    assert resolve_impl("auto", *t, k=257) == "chunked"  # beyond the kernels' top-k range
     assert resolve_impl("chunked", *t) == "chunked"
     monkeypatch.setattr(loss_mod, "_triton_imports", lambda: False)
     assert resolve_impl("auto", *t) == "chunked"

@@ -167,14 +167,19 @@ def _triton_imports() -> bool:
     return importlib.util.find_spec("oel_hpc.train.loss_triton") is not None
 
 
-def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+FUSED_MAX_K = 256  # the fused kernels keep the top-k in registers (loss_triton.FUSED_MAX_K)
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor, k: int = 1) -> str:
     """"chunked" or "fused" for these tensors. auto = fused when every tensor is on CUDA (in a dtype the kernels
-    take: float32, bfloat16, float16) and triton imports, else chunked; "fused" where it cannot run raises."""
+    take: float32, bfloat16, float16), k ≤ FUSED_MAX_K and triton imports, else chunked; "fused" where it cannot
+    run raises."""
     if impl not in IMPLS:
         raise ValueError(f"loss impl must be one of {', '.join(IMPLS)}, got '{impl}'")
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
-        ok = on_cuda and all(t.dtype in _FUSED_DTYPES for t in tensors) and _triton_imports()
+        ok = (on_cuda and k <= FUSED_MAX_K and all(t.dtype in _FUSED_DTYPES for t in tensors)
+              and _triton_imports())
         return "fused" if ok else "chunked"
     if impl == "fused":
         if not on_cuda:
@@ -216,7 +221,7 @@ def topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: torch.Ten
     if not (torch.as_tensor(normalizer) > 0).all():
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
 
-    if resolve_impl(impl, student_hidden, student_head_weight, teacher_hidden, teacher_head_weight) == "fused":
+    if resolve_impl(impl, student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, k=k) == "fused":
         from oel_hpc.train.loss_triton import fused_topk_reverse_kl  # lazily: triton is GPU-only
 
         return fused_topk_reverse_kl(student_hidden, student_head_weight, teacher_hidden.detach(),

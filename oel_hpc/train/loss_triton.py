@@ -69,7 +69,7 @@ import os
 
 import torch
 
-from oel_hpc.train.loss import LossOutput, _check, _topk_kl
+from oel_hpc.train.loss import FUSED_MAX_K, LossOutput, _check, _topk_kl
 
 try:  # guarded: the package must import where triton is absent (CPU-only installs)
     import triton
@@ -80,7 +80,6 @@ except Exception as _e:  # ImportError, or a broken install raising something el
 else:
     _TRITON_ERROR = None
 
-FUSED_MAX_K = 256          # the kernels keep the top-k in registers: k beyond this is not supported
 _INT64_MIN = -(2 ** 63)
 _KEY_LOW = 0x7FFFFFFF      # low 32 bits of a key: _KEY_LOW - id (lower id = larger key)
 
