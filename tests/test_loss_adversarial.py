@@ -433,7 +433,7 @@ def test_fused_dispatch_imports_loss_triton_lazily(monkeypatch):
         return sentinel
     monkeypatch.setitem(sys.modules, "oel_hpc.train.loss_triton",
                         types.SimpleNamespace(fused_topk_reverse_kl=fused_topk_reverse_kl))
-    monkeypatch.setattr(loss_mod, "resolve_impl", lambda impl, *t: "fused" if impl == "fused" else "chunked")
+    monkeypatch.setattr(loss_mod, "resolve_impl", lambda impl, *t, k=1: "fused" if impl == "fused" else "chunked")
     hs, Ws = torch.randn(6, 8).requires_grad_(), torch.randn(11, 8).requires_grad_()
     ht, Wt = torch.randn(6, 8).requires_grad_(), torch.randn(11, 8).requires_grad_()
     out = topk_reverse_kl(hs, Ws, ht, Wt, k=4, temperature=0.5, renormalize=True, chunk_size=2, impl="fused")
