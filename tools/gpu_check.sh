@@ -9,8 +9,7 @@
 # the image changes).
 #
 # Through the device tool (a machine with torch + CUDA + transformers, Python 3.12, no megatron-core, no internet):
-#   once, here, in the repository root (the wheel must match the device's Python, cp312):
-#     echo /.wheels/ >> "$(git rev-parse --git-path info/exclude)"
+#   once, here, in the repository root (the wheel must match the device's Python, cp312; .wheels/ is git-ignored):
 #     pip download megatron-core==0.16.1 --no-deps --python-version 3.12 --implementation cp --only-binary :all: \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
 #   then:
