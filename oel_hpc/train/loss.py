@@ -167,6 +167,30 @@ def _triton_imports() -> bool:
     return importlib.util.find_spec("oel_hpc.train.loss_triton") is not None
 
 
+def check_inputs(hs: torch.Tensor, Ws: torch.Tensor, ht: torch.Tensor, Wt: torch.Tensor, *, k: int,
+                 temperature: float, normalizer, vocab_size: int | None = None):
+    """The argument checks every implementation shares (hidden [N, H], head weights [V, H] or vocab shards, k,
+    temperature, normalizer); returns the normalizer (default N). vocab_size: the real vocabulary when the heads
+    hold padding rows (default: all rows)."""
+    if hs.dim() != 2 or ht.dim() != 2:
+        raise ValueError(f"hidden states must be [N, H], got student {tuple(hs.shape)}, teacher {tuple(ht.shape)}")
+    N, V = hs.size(0), Ws.size(0)
+    if N == 0:
+        raise ValueError("no valid response tokens (N == 0): refusing to return a silent zero loss")
+    if ht.size(0) != N:
+        raise ValueError(f"student has {N} positions, teacher {ht.size(0)}")
+    if Ws.dim() != 2 or Ws.size(1) != hs.size(1):
+        raise ValueError(f"student head weight {tuple(Ws.shape)} does not match hidden {tuple(hs.shape)}")
+    if Wt.shape != (V, ht.size(1)):
+        raise ValueError(f"teacher head weight {tuple(Wt.shape)} does not match the student's {V} rows and "
+                         f"teacher hidden {tuple(ht.shape)}")
+    _check(k, V if vocab_size is None else vocab_size, temperature)
+    normalizer = N if normalizer is None else normalizer
+    if not (torch.as_tensor(normalizer) > 0).all():
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    return normalizer
+
+
 FUSED_MAX_K = 256  # the fused kernels keep the top-k in registers (loss_triton.FUSED_MAX_K)
 
 
@@ -200,26 +224,11 @@ def topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: torch.Ten
     LM-head weights ([V, H], no bias). loss = Σ ℓ_t / normalizer (default N); pass the global token count as
     normalizer when accumulating over micro-batches or ranks so the result is one token mean over all of them.
     impl: "auto" | "chunked" | "fused" (module docstring); chunk_size is the chunked path's only."""
-    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
-        raise ValueError(f"hidden states must be [N, H], got student {tuple(student_hidden.shape)}, "
-                         f"teacher {tuple(teacher_hidden.shape)}")
-    N, V = student_hidden.size(0), student_head_weight.size(0)
-    if N == 0:
-        raise ValueError("no valid response tokens (N == 0): refusing to return a silent zero loss")
-    if teacher_hidden.size(0) != N:
-        raise ValueError(f"student has {N} positions, teacher {teacher_hidden.size(0)}")
-    if student_head_weight.dim() != 2 or student_head_weight.size(1) != student_hidden.size(1):
-        raise ValueError(f"student head weight {tuple(student_head_weight.shape)} does not match hidden "
-                         f"{tuple(student_hidden.shape)}")
-    if teacher_head_weight.shape != (V, teacher_hidden.size(1)):
-        raise ValueError(f"teacher head weight {tuple(teacher_head_weight.shape)} does not match V={V} and "
-                         f"teacher hidden {tuple(teacher_hidden.shape)}")
-    _check(k, V, temperature)
+    normalizer = check_inputs(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, k=k,
+                              temperature=temperature, normalizer=normalizer)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    normalizer = N if normalizer is None else normalizer
-    if not (torch.as_tensor(normalizer) > 0).all():
-        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    N = student_hidden.size(0)
 
     if resolve_impl(impl, student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, k=k) == "fused":
         from oel_hpc.train.loss_triton import fused_topk_reverse_kl  # lazily: triton is GPU-only

@@ -69,7 +69,7 @@ import os
 
 import torch
 
-from oel_hpc.train.loss import FUSED_MAX_K, LossOutput, _check, _topk_kl
+from oel_hpc.train.loss import FUSED_MAX_K, LossOutput, _topk_kl, check_inputs
 
 try:  # guarded: the package must import where triton is absent (CPU-only installs)
     import triton
@@ -388,20 +388,7 @@ def _teacher(ht: torch.Tensor, Wt: torch.Tensor, ids: torch.Tensor, tau: float, 
 
 
 def _validate(hs, Ws, ht, Wt, k, temperature, normalizer):
-    # the same checks, in the same words, as loss.py's topk_reverse_kl
-    if hs.dim() != 2 or ht.dim() != 2:
-        raise ValueError(f"hidden states must be [N, H], got student {tuple(hs.shape)}, teacher {tuple(ht.shape)}")
-    N, V = hs.size(0), Ws.size(0)
-    if N == 0:
-        raise ValueError("no valid response tokens (N == 0): refusing to return a silent zero loss")
-    if ht.size(0) != N:
-        raise ValueError(f"student has {N} positions, teacher {ht.size(0)}")
-    if Ws.dim() != 2 or Ws.size(1) != hs.size(1):
-        raise ValueError(f"student head weight {tuple(Ws.shape)} does not match hidden {tuple(hs.shape)}")
-    if Wt.shape != (V, ht.size(1)):
-        raise ValueError(f"teacher head weight {tuple(Wt.shape)} does not match V={V} and teacher hidden "
-                         f"{tuple(ht.shape)}")
-    _check(k, V, temperature)
+    normalizer = check_inputs(hs, Ws, ht, Wt, k=k, temperature=temperature, normalizer=normalizer)
     if k > FUSED_MAX_K:
         raise ValueError(f"the fused loss kernels support k <= {FUSED_MAX_K}, got k={k}; use impl='chunked'")
     for name, x in (("student hidden", hs), ("student head weight", Ws), ("teacher hidden", ht),
@@ -411,9 +398,6 @@ def _validate(hs, Ws, ht, Wt, k, temperature, normalizer):
     if hs.dtype != Ws.dtype or ht.dtype != Wt.dtype:
         raise ValueError(f"hidden and head weight must share a dtype: student {hs.dtype}/{Ws.dtype}, "
                          f"teacher {ht.dtype}/{Wt.dtype}")
-    normalizer = N if normalizer is None else normalizer
-    if not (torch.as_tensor(normalizer) > 0).all():
-        raise ValueError(f"normalizer must be > 0, got {normalizer}")
     return normalizer
 
 

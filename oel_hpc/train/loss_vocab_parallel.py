@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from oel_hpc.train.loss import LossOutput, _check, _fp32, topk_reverse_kl
+from oel_hpc.train.loss import LossOutput, _fp32, check_inputs, topk_reverse_kl
 
 _N_STATS = 3  # per shard and model: max, Σ e^{z−max}, Σ e^{z−max}(z−max)
 # all_gather_into_tensor is deprecated from torch 2.13 in favour of all_gather_single, which older torch lacks
@@ -195,30 +195,16 @@ def vocab_parallel_topk_reverse_kl(student_hidden: torch.Tensor, student_head_sh
     Vs·tp ≥ vocab_size rows, Vs the same on every rank; rows ≥ vocab_size are not tokens. The hidden states [N, H]
     must be identical on every rank; every rank gets the same loss, kl_sum and entropies, the full gradient of
     student_hidden and the gradient of its own head shard. Every rank of the group must call it (collectives)."""
-    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
-        raise ValueError(f"hidden states must be [N, H], got student {tuple(student_hidden.shape)}, "
-                         f"teacher {tuple(teacher_hidden.shape)}")
-    N, Vs = student_hidden.size(0), student_head_shard.size(0)
-    if N == 0:
-        raise ValueError("no valid response tokens (N == 0): refusing to return a silent zero loss")
-    if teacher_hidden.size(0) != N:
-        raise ValueError(f"student has {N} positions, teacher {teacher_hidden.size(0)}")
-    if student_head_shard.dim() != 2 or student_head_shard.size(1) != student_hidden.size(1):
-        raise ValueError(f"student head shard {tuple(student_head_shard.shape)} does not match hidden "
-                         f"{tuple(student_hidden.shape)}")
-    if teacher_head_shard.shape != (Vs, teacher_hidden.size(1)):
-        raise ValueError(f"teacher head shard {tuple(teacher_head_shard.shape)} does not match the student's "
-                         f"{Vs} rows and teacher hidden {tuple(teacher_hidden.shape)}")
+    Vs = student_head_shard.size(0)
     tp, rank = _group_shape(group)
     if not 1 <= vocab_size <= Vs * tp:
         raise ValueError(f"vocab_size must satisfy 1 <= vocab_size <= shard rows × ranks = {Vs} × {tp}, "
                          f"got {vocab_size}")
-    _check(k, vocab_size, temperature)
+    normalizer = check_inputs(student_hidden, student_head_shard, teacher_hidden, teacher_head_shard, k=k,
+                              temperature=temperature, normalizer=normalizer, vocab_size=vocab_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    normalizer = N if normalizer is None else normalizer
-    if not (torch.as_tensor(normalizer) > 0).all():
-        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    N = student_hidden.size(0)
 
     if tp == 1:  # the whole head is here: the single-device path, bit for bit (padding rows get zero gradient)
         return topk_reverse_kl(student_hidden, student_head_shard[:vocab_size], teacher_hidden,
