@@ -37,8 +37,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: t
 def _fused_unavailable() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "the fused loss needs triton"
-    if importlib.util.find_spec("oel_hpc.train.loss_triton") is None:
-        return "oel_hpc/train/loss_triton.py does not exist yet"
     if not torch.cuda.is_available() and not INTERPRET:
         return "the fused loss needs CUDA (or TRITON_INTERPRET=1 in the environment: the kernels on the CPU, slowly)"
     return None

@@ -30,6 +30,7 @@ from oel_hpc.megatron.optimizer import ensure_state, load_shard_state, loss_norm
 from oel_hpc.rundir import read_jsonl
 from tests.conftest import ROOT, compose
 from tests.test_distributed import clean_env, cut, finish, weights
+from tests.test_megatron_trainer import torch_run as base  # the same reference run: trainer=torch, one process
 
 HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None
 needs_megatron = pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core is not installed "
@@ -181,17 +182,6 @@ def _max_diff(a: Path, b: Path) -> float:
 
 def _meta(run: Path, step: int = 1) -> dict:
     return json.loads((run / CONSOLIDATE / f"ckpt/step_{step}/meta.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opt")
-    out = subprocess.run([sys.executable, "-m", "oel_hpc", f"run.root={root}", f"consolidate.steps={STEPS}",
-                          "consolidate.save_freq=1", "consolidate.micro_batch_tokens=700", "evaluate.games=4",
-                          "wandb.mode=disabled"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root / "tiny-frozenlake"
 
 
 @pytest.fixture(scope="module")

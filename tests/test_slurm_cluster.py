@@ -7,9 +7,10 @@ Every wait polls with a timeout; no test sleeps longer than one poll interval at
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
+
+from tests import conftest
 
 TIMEOUT = 25.0
 POLL = 0.2
@@ -46,15 +47,7 @@ def _run(*cmd):
 
 
 def wait_until(predicate, what, timeout=TIMEOUT):
-    """Poll predicate() until it returns something truthy, which is returned; fail after timeout seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {value!r}")
-        time.sleep(POLL)
+    return conftest.wait_until(predicate, what, timeout, POLL)
 
 
 def sacct(job_id, fields="JobID,State,ExitCode"):

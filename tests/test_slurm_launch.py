@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from oel_hpc.rundir import read_jsonl
+from tests import conftest
 from tests.conftest import ROOT
 
 POLL = 0.5
@@ -56,14 +57,7 @@ def _slurm_cluster():
 
 
 def wait_until(predicate, what, timeout):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {value!r}")
-        time.sleep(POLL)
+    return conftest.wait_until(predicate, what, timeout, POLL)
 
 
 def sacct(job_ids, fields="JobID,JobName,State,Submit,Start,End"):

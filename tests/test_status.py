@@ -14,12 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from oel_hpc import status
 from oel_hpc.rundir import RunPaths, write_json_atomic
+from tests import conftest
 from tests.conftest import ROOT
 
 TIMEOUT = 30.0
@@ -32,14 +32,7 @@ def cli(*args, env=None, timeout=60):
 
 
 def wait_until(predicate, what, timeout=TIMEOUT):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL)
+    return conftest.wait_until(predicate, what, timeout, POLL)
 
 
 def stage(report, stage_id):

@@ -60,8 +60,8 @@ a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before tri
 check them; there the bf16/fp16 tiles are upcast to fp32 before tl.dot (the interpreter would multiply bf16 as raw
 uint16), the same numbers as a 16-bit dot with fp32 accumulation.
 
-On a GPU, `python -m oel_hpc.train.loss_triton` times fused / chunked / naive at the ANCHORS.md shape (ms per
-forward+backward, extra peak memory) and compares the fused gradients with the chunked ones.
+On a GPU, `python tools/bench_loss.py` times fused / chunked / naive / Liger at the ANCHORS.md shape and `--check`
+compares their values.
 """
 from __future__ import annotations
 
@@ -88,6 +88,21 @@ if triton is not None:
     _KMIN = tl.constexpr(_INT64_MIN)  # kernels may read module globals only as constexpr
 
     @triton.jit
+    def _logits_tile(h_rows, w_cols, row_ok, col_ok, H, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        """h·Wᵀ for BLOCK_M rows × BLOCK_V vocab columns, fp32 accumulation over H in BLOCK_H slices."""
+        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            h_ok = hh < H
+            a = tl.load(h_rows + hh[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            b = tl.load(w_cols + hh[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_UPCAST:  # Triton's interpreter multiplies bf16 as raw uint16: give it fp32 (exact products)
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
     def _stream_kernel(h_ptr, w_ptr, m_ptr, s_ptr, t_ptr, key_ptr,
                        N, V, H, stride_h, stride_w, tiles_per_split, n_splits, tau,
                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, KP: tl.constexpr,
@@ -111,15 +126,7 @@ if triton is not None:
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w
-            acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                hh = h0 + tl.arange(0, BLOCK_H)
-                h_ok = hh < H
-                a = tl.load(h_rows + hh[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-                b = tl.load(w_cols + hh[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
-                if DOT_UPCAST:  # Triton's interpreter multiplies bf16 as raw uint16: give it fp32 (exact products)
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _logits_tile(h_rows, w_cols, row_ok, col_ok, H, BLOCK_M, BLOCK_V, BLOCK_H, PRECISION, DOT_UPCAST)
             z = tl.where(col_ok[None, :], acc / tau, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             alpha = tl.exp(m - m_new)
@@ -194,15 +201,7 @@ if triton is not None:
         col_ok = cols < v_hi
         h_rows = h_ptr + rows64[:, None] * stride_h
         w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w
-        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            hh = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hh < H
-            a = tl.load(h_rows + hh[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-            b = tl.load(w_cols + hh[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _logits_tile(h_rows, w_cols, row_ok, col_ok, H, BLOCK_M, BLOCK_V, BLOCK_H, PRECISION, DOT_UPCAST)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         gl = tl.load(glse_ptr + rows, mask=row_ok, other=0.0)
         dz = gl[:, None] * tl.exp(acc / tau - lse[:, None])
@@ -424,70 +423,3 @@ def fused_topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: tor
     return LossOutput(loss=kl / normalizer, kl_sum=kl.detach(), tokens=N,
                       student_entropy=ent_s / N, teacher_entropy=ent_t / N)
 
-
-# ------------------------------------------------------------------------------------------------ benchmark
-
-def _bench(argv: list[str] | None = None) -> None:
-    """Fused vs chunked vs naive (full logits), forward + backward: seconds per step, extra peak memory (CUDA),
-    agreement with the chunked path. Defaults: the ANCHORS.md loss shape (T 8192, H 2560, V 151,936, k 256, bf16).
-    On the CPU it runs in Triton's interpreter (TRITON_INTERPRET=1) at a tiny shape: a smoke test of this script."""
-    import argparse
-    import time
-
-    from oel_hpc.train.loss import topk_reverse_kl, topk_reverse_kl_reference
-
-    p = argparse.ArgumentParser(prog="python -m oel_hpc.train.loss_triton")
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=2560)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--k", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--skip-naive", action="store_true")
-    a = p.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dt = getattr(torch, a.dtype)
-    g = torch.Generator(device=dev).manual_seed(0)
-    T, H, V = a.tokens, a.hidden, a.vocab
-    hs = torch.randn(T, H, device=dev, generator=g).to(dt).requires_grad_()
-    Ws = (torch.randn(V, H, device=dev, generator=g) * H ** -0.5 * 2).to(dt).requires_grad_()
-    ht = torch.randn(T, H, device=dev, generator=g).to(dt)
-    Wt = (torch.randn(V, H, device=dev, generator=g) * H ** -0.5 * 2).to(dt)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    impls = {
-        "fused": lambda: fused_topk_reverse_kl(hs, Ws, ht, Wt, k=a.k, temperature=0.7).loss,
-        "chunked": lambda: topk_reverse_kl(hs, Ws, ht, Wt, k=a.k, temperature=0.7, chunk_size=1024).loss,
-        "naive": lambda: topk_reverse_kl_reference((hs @ Ws.t())[None], (ht @ Wt.t())[None],
-                                                   torch.ones(1, T, dtype=torch.bool, device=dev), k=a.k,
-                                                   temperature=0.7),
-    }
-    if a.skip_naive:
-        del impls["naive"]
-    results = {}
-    for name, step in impls.items():
-        hs.grad = Ws.grad = None
-        loss = step()
-        loss.backward()  # warm-up (compiles the kernels)
-        ref = (loss.item(), hs.grad.float(), Ws.grad.float())
-        hs.grad = Ws.grad = None
-        sync()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        for _ in range(a.iters):
-            step().backward()
-            hs.grad = Ws.grad = None
-        sync()
-        sec = (time.perf_counter() - t0) / a.iters
-        extra = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if dev.type == "cuda" else float("nan")
-        results[name] = ref
-        print(f"{name:8s} {sec * 1e3:9.1f} ms/step   extra peak {extra:6.2f} GiB   loss {ref[0]:.6f}", flush=True)
-    f, c = results["fused"], results["chunked"]
-    rel = lambda x, y: ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
-    print(f"fused vs chunked: loss rel {abs(f[0] - c[0]) / abs(c[0]):.2e}, grad_h {rel(f[1], c[1]):.2e}, "
-          f"grad_W {rel(f[2], c[2]):.2e}")
-
-
-if __name__ == "__main__":
-    _bench()
