@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from oel_hpc.train.loss import LossOutput, response_mask, topk_reverse_kl, topk_reverse_kl_reference
 
@@ -185,6 +186,33 @@ def test_only_hidden_or_only_weight_trainable():
     torch.testing.assert_close(g, ref_W)
 
 
+def test_gradients_scale_with_the_upstream_gradient_and_survive_retain_graph():
+    # the gradients are computed in the forward: backward must still scale them by what flows in (consolidate
+    # backpropagates loss * 0.0 for padding micro-batches) and a retained graph must give them again
+    hs, Ws, ht, Wt = _problem()
+    ref_h, ref_W = torch.autograd.grad(_ref_from_hidden(hs, Ws, ht, Wt, k=5), (hs, Ws))
+    loss = topk_reverse_kl(hs, Ws, ht, Wt, k=5, temperature=TAU, chunk_size=4).loss
+    for scale in (3.0, 1.0, 0.0):
+        g_h, g_W = torch.autograd.grad(loss * scale, (hs, Ws), retain_graph=True)
+        torch.testing.assert_close(g_h, ref_h * scale)
+        torch.testing.assert_close(g_W, ref_W * scale)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(hs.grad, 2 * ref_h)
+    torch.testing.assert_close(Ws.grad, 2 * ref_W)
+
+
+def test_no_gradient_work_without_grad():
+    # V·H = 6400 ≫ chunk·V = 400 and N·H = 512: a [V × H] tensor would mean the head's gradient was built anyway
+    N, H, V, chunk = 8, 64, 100, 4
+    hs, Ws, ht, Wt = _problem(N=N, H=H, V=V)
+    with torch.no_grad(), _MaxNumel() as seen:
+        out = topk_reverse_kl(hs, Ws, ht, Wt, k=5, temperature=TAU, chunk_size=chunk)
+    assert not out.loss.requires_grad
+    assert seen.max == chunk * V, (seen.max, chunk * V)
+    torch.testing.assert_close(out.loss, _ref_from_hidden(hs, Ws, ht, Wt, k=5).detach())
+
+
 # ---------------------------------------------------------------- masking, teacher, normalizer
 
 def test_loss_ignores_positions_after_eos():
@@ -265,7 +293,8 @@ def test_errors():
 # ---------------------------------------------------------------- memory boundedness
 
 class _MaxNumel(TorchDispatchMode):
-    """Records the largest tensor produced by any op (forward and backward both run through here)."""
+    """Records the largest tensor any op allocates (forward and backward both run through here); views and
+    in-place or out= results share an argument's storage and allocate nothing."""
 
     def __init__(self):
         super().__init__()
@@ -273,24 +302,25 @@ class _MaxNumel(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for o in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(o, torch.Tensor):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in given:
                 self.max = max(self.max, o.numel())
         return out
 
 
 def test_chunked_never_materialises_n_by_v():
-    # N·V = 512k ≫ chunk·V = 32k; what legitimately scales past a chunk stays below it here: the saved
-    # top-k ids / teacher log-probs (N·k = 8k) and the head's weight/gradient (V·H = 16k)
+    # N·V = 512k ≫ chunk·V = 32k; what legitimately scales past a chunk stays below it here: the gradients
+    # computed in the forward (N·H = 8k, V·H = 16k)
     N, H, V, chunk, k = 512, 16, 1000, 32, 16
     hs, Ws, ht, Wt = _problem(N=N, H=H, V=V)
     with _MaxNumel() as fwd:
         out = topk_reverse_kl(hs, Ws, ht, Wt, k=k, temperature=TAU, chunk_size=chunk)
-    with _MaxNumel() as bwd:  # backward recomputes the student logits, one chunk at a time
+    with _MaxNumel() as bwd:  # the gradients were computed in the forward: backward only hands them over
         out.loss.backward()
     assert hs.grad is not None and Ws.grad is not None
-    assert fwd.max <= chunk * V and bwd.max <= chunk * V, (fwd.max, bwd.max, chunk * V)
-    assert bwd.max == chunk * V  # the mode does see the backward's ops
+    assert fwd.max == chunk * V, (fwd.max, chunk * V)  # == : the mode does see the chunks
+    assert bwd.max <= V * H, (bwd.max, V * H)
     # positive control: the naive path does create [N × V] tensors, and the mode sees its backward too
     with _MaxNumel() as naive:
         _ref_from_hidden(hs, Ws, ht, Wt, k=k).backward()

@@ -110,9 +110,10 @@ def _run_case(c, tp, rank, group):
     kw = dict(k=c["k"], temperature=c["tau"], renormalize=c["renorm"], chunk_size=c["chunk"],
               normalizer=c["normalizer"])
     if tp == 1:  # the public function hands a group of one to loss.py: run the sharded code itself
-        kl, es, et = _VocabParallelTopKReverseKL.apply(hs, Ws, ht, Wt, c["k"], c["tau"], c["renorm"], c["chunk"],
-                                                       c["V"], group, 1, 0)
-        out = LossOutput(kl / (c["normalizer"] or N), kl.detach(), N, es / N, et / N)
+        loss, kl, es, et = _VocabParallelTopKReverseKL.apply(hs, Ws, ht, Wt, c["k"], c["tau"], c["renorm"],
+                                                             c["chunk"], c["normalizer"] or N, True, True,
+                                                             c["V"], group, 1, 0)
+        out = LossOutput(loss, kl, N, es / N, et / N)
     else:
         out = vocab_parallel_topk_reverse_kl(hs, Ws, ht, Wt, vocab_size=c["V"], group=group, **kw)
     (out.loss * UPSTREAM).backward()

@@ -7,7 +7,7 @@ S_t = the student's top-k ids (picked without gradient):
 
 With k = V this is the exact reverse KL. `topk_reverse_kl` is the production path: it takes hidden states of the
 valid response positions and the LM-head weights and never materialises an [N × V] tensor — logits exist one
-chunk of positions at a time, in forward and (recomputed) in backward.
+chunk of positions at a time.
 
 Two implementations sit behind `topk_reverse_kl(..., impl=)`: "chunked" (the PyTorch autograd.Function below; runs
 on any device) and "fused" (the Triton kernels of loss_triton.py; CUDA only, imported lazily). "auto" picks fused
@@ -79,79 +79,101 @@ def topk_reverse_kl_reference(student_logits: torch.Tensor, teacher_logits: torc
     return loss_t[mask].sum() / mask.sum()
 
 
-def _logprobs(h: torch.Tensor, W: torch.Tensor, temperature: float) -> torch.Tensor:
-    # matmul in the weights' dtype (bf16 GEMMs accumulate in fp32 anyway), softmax math in fp32
-    return F.log_softmax(_fp32(h @ W.t()) / temperature, dim=-1)
+def _logits_into(out: torch.Tensor, h: torch.Tensor, W: torch.Tensor, temperature: float) -> torch.Tensor:
+    """out[:] = (h @ W.t()) / τ in out's (fp32) dtype, without a second [chunk, V] temporary when dtypes agree."""
+    if h.dtype == out.dtype:
+        torch.matmul(h, W.t(), out=out)
+    else:  # bf16 GEMMs accumulate in fp32 anyway; the softmax math is fp32
+        out.copy_(h @ W.t())
+    return out.div_(temperature)
 
 
-def _entropy(lp: torch.Tensor) -> torch.Tensor:
-    return -(lp.exp() * lp).sum(-1)
+def _log_softmax_(z: torch.Tensor, probs_out: torch.Tensor) -> torch.Tensor:
+    """z ← log_softmax(z) in place and probs_out ← softmax(z); returns probs_out. No [chunk, V] temporary
+    (logsumexp would allocate one)."""
+    z.sub_(z.amax(-1, keepdim=True))
+    total = torch.exp(z, out=probs_out).sum(-1, keepdim=True)
+    z.sub_(total.log())
+    return probs_out.div_(total)
 
 
-class _ChunkedTopKReverseKL(torch.autograd.Function):
-    """Returns (Σ ℓ_t, Σ H_student, Σ H_teacher). Saves only the top-k ids, the teacher's log-probs there and
-    the student's logsumexp ([N, k] + [N]); backward recomputes the student logits chunk by chunk."""
+class GradientsFromForward(torch.autograd.Function):
+    """For losses that compute the gradients of (hidden, head weight), their first two inputs, in the forward and
+    save them with ctx.save_for_backward(gh, gW). Outputs: (loss, then non-differentiable extras); ctx.w_dtype is
+    the head weight's dtype. loss.backward() passes 1: the saved tensors are handed over without a copy."""
 
     @staticmethod
-    def forward(ctx, hs, Ws, ht, Wt, k, temperature, renormalize, chunk_size):
-        N = hs.size(0)
-        ids = torch.empty(N, k, dtype=torch.long, device=hs.device)
+    def backward(ctx, grad_loss, *_grad_extras):
+        gh, gW = ctx.saved_tensors
+        one = bool((grad_loss == 1).all())
+        if gh is not None and not one:
+            gh = gh * grad_loss
+        if gW is not None:
+            if not one:
+                gW = torch.mul(gW, grad_loss, out=torch.empty_like(gW, dtype=ctx.w_dtype))
+            elif gW.dtype != ctx.w_dtype:
+                gW = gW.to(ctx.w_dtype)
+        return (gh, gW) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+class _ChunkedTopKReverseKL(GradientsFromForward):
+    """Returns (loss = Σ ℓ_t / normalizer, Σ ℓ_t, Σ H_student, Σ H_teacher); only the loss is differentiable.
+
+    The gradients of h and W are computed in the forward, chunk by chunk, while the chunk's logits exist (as
+    Liger-Kernel does): recomputing them in backward would cost a fifth [N × H × V] matmul on top of the four any
+    implementation needs. Per chunk two [chunk, V] fp32 buffers, reused. Saved for backward: gh [N, H] and gW
+    [V, H] (fp32), which the caller needs anyway."""
+
+    @staticmethod
+    def forward(ctx, hs, Ws, ht, Wt, k, temperature, renormalize, chunk_size, normalizer, need_h, need_W):
+        N, V = hs.size(0), Ws.size(0)
         f32 = torch.promote_types(hs.dtype, torch.float32)
-        lq_S = torch.empty(N, k, dtype=f32, device=hs.device)
-        lse = torch.empty(N, dtype=f32, device=hs.device)
         kl = hs.new_zeros((), dtype=f32)
         ent_s, ent_t = kl.clone(), kl.clone()
+        gh = torch.empty_like(hs) if need_h else None
+        # the head's gradient accumulates in fp32: summing many bf16 chunk products would lose precision
+        gW = torch.zeros_like(Ws, dtype=f32) if need_W else None
+        c = min(chunk_size, N)
+        buf_a = hs.new_empty((c, V), dtype=f32)
+        buf_b = torch.empty_like(buf_a)
         for i in range(0, N, chunk_size):
             j = min(i + chunk_size, N)
-            z = _fp32(hs[i:j] @ Ws.t()).div_(temperature)
-            lse[i:j] = z.logsumexp(-1)
-            lp = z.sub_(lse[i:j, None])  # in place: one [chunk, V] fp32 buffer
-            ids[i:j] = lp.topk(k, dim=-1).indices
-            lp_S = lp.gather(-1, ids[i:j])
-            ent_s += _entropy(lp).sum()
-            del z, lp
-            lq = _logprobs(ht[i:j], Wt, temperature)
-            lq_S[i:j] = lq.gather(-1, ids[i:j])
-            ent_t += _entropy(lq).sum()
-            del lq
-            kl += _topk_kl(lp_S, lq_S[i:j], renormalize).sum()
-        ctx.save_for_backward(hs, Ws, ids, lq_S, lse)
-        ctx.temperature, ctx.renormalize, ctx.chunk_size = temperature, renormalize, chunk_size
-        ctx.mark_non_differentiable(ent_s, ent_t)
-        return kl, ent_s, ent_t
-
-    @staticmethod
-    def backward(ctx, grad_kl, _grad_es, _grad_et):
-        hs, Ws, ids, lq_S, lse = ctx.saved_tensors
-        tau, N = ctx.temperature, hs.size(0)
-        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gh = torch.zeros_like(hs) if need_h else None
-        # accumulate the head's gradient in fp32: summing many bf16 chunk products would lose precision
-        gW = torch.zeros_like(Ws, dtype=torch.promote_types(Ws.dtype, torch.float32)) if need_W else None
-        for i in range(0, N, ctx.chunk_size):
-            j = min(i + ctx.chunk_size, N)
-            lp = _fp32(hs[i:j] @ Ws.t()).div_(tau).sub_(lse[i:j, None])
-            a, b = lp.gather(-1, ids[i:j]), lq_S[i:j]
-            if ctx.renormalize:
+            n = j - i
+            # teacher: lq in buf_b, its entropy from its probabilities in buf_a
+            lq = _logits_into(buf_b[:n], ht[i:j], Wt, temperature)
+            ent_t -= torch.dot(_log_softmax_(lq, buf_a[:n]).view(-1), lq.view(-1))
+            # student: top-k ids (of the logits: the same as of the log-probs), the teacher's log-probs there;
+            # then lp in buf_a and its probabilities in buf_b, which lq no longer needs
+            lp = _logits_into(buf_a[:n], hs[i:j], Ws, temperature)
+            ids = lp.topk(k, dim=-1, sorted=False).indices
+            b = lq.gather(-1, ids)
+            p_full = _log_softmax_(lp, buf_b[:n])
+            a = lp.gather(-1, ids)
+            ent_s -= torch.dot(p_full.view(-1), lp.view(-1))
+            if renormalize:
                 a = a - a.logsumexp(-1, keepdim=True)
                 b = b - b.logsumexp(-1, keepdim=True)
             p = a.exp()
-            # d/da Σ e^a (a − b) = e^a (a − b + 1)
-            g = p * (a - b + 1) * grad_kl
-            if ctx.renormalize:  # back through a = lp_S − logsumexp(lp_S)
+            kl += (p * (a - b)).sum()
+            if not (need_h or need_W):
+                continue
+            g = p * (a - b + 1)  # d/da Σ e^a (a − b) = e^a (a − b + 1)
+            if renormalize:  # back through a = lp_S − logsumexp(lp_S)
                 g = g - p * g.sum(-1, keepdim=True)
+            g = g / normalizer
             # back through log_softmax: dz = g_scattered − softmax · Σg, then through z = logits / τ
-            dz = lp.exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids[i:j], g).div_(tau)
-            dz = dz.to(hs.dtype)
+            dz = p_full.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g).div_(temperature).to(hs.dtype)
             if need_h:
-                gh[i:j] = dz @ Ws
+                torch.matmul(dz, Ws, out=gh[i:j])
             if need_W:
                 if gW.dtype == dz.dtype:
                     gW.addmm_(dz.t(), hs[i:j])  # in place: no [V, H] temporary per chunk
                 else:
                     gW.add_(dz.t() @ hs[i:j])
-            del lp, dz
-        return gh, None if gW is None else gW.to(Ws.dtype), None, None, None, None, None, None
+        ctx.save_for_backward(gh, gW)
+        ctx.w_dtype = Ws.dtype
+        ctx.mark_non_differentiable(kl, ent_s, ent_t)
+        return kl / normalizer, kl, ent_s, ent_t
 
 
 IMPLS = ("auto", "chunked", "fused")
@@ -236,8 +258,10 @@ def topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: torch.Ten
         return fused_topk_reverse_kl(student_hidden, student_head_weight, teacher_hidden.detach(),
                                      teacher_head_weight.detach(), k=k, temperature=float(temperature),
                                      renormalize=renormalize, normalizer=normalizer)
-    kl, ent_s, ent_t = _ChunkedTopKReverseKL.apply(
+    grad = torch.is_grad_enabled()
+    loss, kl, ent_s, ent_t = _ChunkedTopKReverseKL.apply(
         student_hidden, student_head_weight, teacher_hidden.detach(), teacher_head_weight.detach(),
-        k, float(temperature), renormalize, chunk_size)
-    return LossOutput(loss=kl / normalizer, kl_sum=kl.detach(), tokens=N,
+        k, float(temperature), renormalize, chunk_size, normalizer,
+        grad and student_hidden.requires_grad, grad and student_head_weight.requires_grad)
+    return LossOutput(loss=loss, kl_sum=kl, tokens=N,
                       student_entropy=ent_s / N, teacher_entropy=ent_t / N)

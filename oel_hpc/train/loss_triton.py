@@ -18,11 +18,13 @@ Forward
      block's largest candidate count (≤ KP) — after the first tiles that is a handful per tile (≈ k/t in tile t for
      unordered logits). No sort is needed (and `tl.sort` is very slow in the interpreter).
      The per-split partial results are combined in PyTorch (log-sum-exp of the splits, `torch.topk` over the
-     splits × KP distinct keys) into the row's logsumexp, entropy, the k ids and the student logits at them.
+     splits × KP distinct keys) into the row's max m and log S = logsumexp − m, entropy, the k ids and the
+     student logits at them.
   2. teacher stream: the same kernel without top-k (logsumexp and entropy of the teacher).
   3. `_gather_dot_kernel`: the teacher logits at the student's ids, h_t · W_t[id] (k rows of W_t per position).
   4. ℓ from the [N, k] log-probs in PyTorch (loss.py's `_topk_kl`, with renormalisation), so autograd yields
-     ga = ∂loss/∂(z_S/τ) [N, k] and glse = ∂loss/∂lse [N] for the student.
+     ga = ∂loss/∂(z_S/τ) [N, k] and glse = ∂loss/∂log S [N] for the student (log-probs as (z/τ − m) − log S:
+     a rounded fp32 lse would cost near-max log-probs their precision, see `_stream`).
 Backward (`_StudentTopK.backward`): ∂loss/∂z = (scatter(ga at S) + glse · softmax(z/τ)) / τ, formed vocab slab
   by vocab slab: `_dz_kernel` recomputes the logits of one slab (tl.dot) and writes dz for it ([N × Vs] in the
   input dtype, the only vocabulary-sized buffer, bounded by `slab_bytes`), the sparse part added in-kernel from the
@@ -33,11 +35,11 @@ Backward (`_StudentTopK.backward`): ∂loss/∂z = (scatter(ga at S) + glse · s
 Passes over the weights: W_s three times (forward stream, backward recompute, grad_h GEMM), W_t once plus k rows
 per position; five T×H×V GEMMs in total (the naive path has four; the extra one is the backward's recompute).
 
-Stored between forward and backward: the student's top-k ids (int64 [N, k]) and logsumexp (fp32 [N]), what the
+Stored between forward and backward: the student's top-k ids (int64 [N, k]), m and log S (fp32 [N] each), what the
 autograd tail saves ([N, k] fp32: e^lp and lp − lq; a few more with renormalize) and references to the inputs.
 Extra memory beyond the inputs, N tokens, 16-bit inputs:
   forward transient  N·splits·KP·8 (partial top-k keys; splits ≈ 4·SMs / row blocks) + torch.topk's [N, k] outputs
-  saved              N·k·8 + N·4 + ≈ 2·N·k·4
+  saved              N·k·8 + N·8 + ≈ 2·N·k·4
   backward transient min(slab_bytes, N·V·2) (dz slab) + N·H·4 (fp32 grad_h) + 2048·H·4 (GEMM temporary)
                      + N·k·8 (ids sorted per row and their ga) + N·(Vs/BLOCK_V + 1)·4 (per-tile offsets)
   outputs            V·H·2 (grad_W) + N·H·2 (grad_h), as for any implementation.
@@ -185,11 +187,12 @@ if triton is not None:
         tl.store(out_ptr + n * k + jj, acc / tau, mask=j_ok)
 
     @triton.jit
-    def _dz_kernel(h_ptr, w_ptr, lse_ptr, glse_ptr, sid_ptr, sga_ptr, off_ptr, dz_ptr,
+    def _dz_kernel(h_ptr, w_ptr, m_ptr, logs_ptr, glse_ptr, sid_ptr, sga_ptr, off_ptr, dz_ptr,
                    N, H, k, stride_h, stride_w, v_lo, v_hi, slab_w, n_off, tau,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                    DOT_UPCAST: tl.constexpr):
-        """dz[n, v − v_lo] = (glse[n]·softmax(z/τ)[n, v] + Σ_j [sid[n, j] = v]·sga[n, j]) / τ for v in [v_lo, v_hi).
+        """dz[n, v − v_lo] = (glse[n]·softmax(z/τ)[n, v] + Σ_j [sid[n, j] = v]·sga[n, j]) / τ for v in [v_lo, v_hi),
+        softmax = exp((z/τ − m) − log S) with the row's max m and log S = lse − m (_stream).
         sid: each row's top-k ids sorted ascending, sga the matching ∂loss/∂(z/τ); off[n, i]: how many of row n's ids
         lie below the start of the slab's tile i (so tile i's ids are sid[n, off[n, i]:off[n, i+1]])."""
         pid_m = tl.program_id(0)
@@ -202,9 +205,10 @@ if triton is not None:
         h_rows = h_ptr + rows64[:, None] * stride_h
         w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w
         acc = _logits_tile(h_rows, w_cols, row_ok, col_ok, H, BLOCK_M, BLOCK_V, BLOCK_H, PRECISION, DOT_UPCAST)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        m = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
+        logs = tl.load(logs_ptr + rows, mask=row_ok, other=0.0)
         gl = tl.load(glse_ptr + rows, mask=row_ok, other=0.0)
-        dz = gl[:, None] * tl.exp(acc / tau - lse[:, None])
+        dz = gl[:, None] * tl.exp((acc / tau - m[:, None]) - logs[:, None])
         start = tl.load(off_ptr + rows64 * n_off + pid_v, mask=row_ok, other=0)
         cnt = tl.load(off_ptr + rows64 * n_off + pid_v + 1, mask=row_ok, other=0) - start
         for j in range(0, tl.max(cnt, axis=0)):
@@ -264,7 +268,9 @@ def _sms(device: torch.device) -> int:
 
 
 def _stream(h: torch.Tensor, W: torch.Tensor, tau: float, kp: int | None, splits: int | None):
-    """Run _stream_kernel; returns (lse [N], entropy [N], keys [N, splits·KP] or None)."""
+    """Run _stream_kernel; returns (m [N], log S [N], entropy [N], keys [N, splits·KP] or None): the row's max
+    logit m and log S = lse − m, kept apart because lse rounded in fp32 loses what near-max log-probs z − lse need
+    (ulp(lse) ≈ 1e-5 at |lse| ≈ 100, while 1 − p of a peaked row's top token can be ≈ 1e-3)."""
     N, H = h.shape
     V = W.size(0)
     do_topk = kp is not None
@@ -290,9 +296,8 @@ def _stream(h: torch.Tensor, W: torch.Tensor, tau: float, kp: int | None, splits
     scale = torch.exp(m - mx)
     S = (s * scale).sum(1)
     T = (scale * (t + s * (m - mx))).sum(1)
-    lse = mx.squeeze(1) + S.log()
     ent = S.log() - T / S
-    return lse, ent, (keys.view(N, splits * kp) if do_topk else None)
+    return mx.squeeze(1), S.log(), ent, (keys.view(N, splits * kp) if do_topk else None)
 
 
 def _decode(keys: torch.Tensor):
@@ -303,23 +308,24 @@ def _decode(keys: torch.Tensor):
 
 
 class _StudentTopK(torch.autograd.Function):
-    """(hs, Ws) → (a_S = z_S/τ at the student's top-k ids [N, k] fp32, lse [N] fp32, Σ entropy, ids [N, k] int64).
-    Gradient flows through a_S and lse; ids and entropy are not differentiable."""
+    """(hs, Ws) → (a_S = z_S/τ − m at the student's top-k ids [N, k] fp32, log S [N] fp32, Σ entropy, ids [N, k]
+    int64), so lp_S = a_S − log S. Gradient flows through a_S and log S (∂ log S/∂z = softmax, as ∂lse/∂z); ids and
+    entropy are not differentiable."""
 
     @staticmethod
     def forward(ctx, hs, Ws, k, tau, splits, slab_bytes):
         kp = max(16, _next_pow2(k))
-        lse, ent, keys = _stream(hs, Ws, tau, kp, splits)
+        m, logs, ent, keys = _stream(hs, Ws, tau, kp, splits)
         vals, ids = _decode(keys.topk(k, dim=1, sorted=False).values)
-        ctx.save_for_backward(hs, Ws, ids, lse)
+        ctx.save_for_backward(hs, Ws, ids, m, logs)
         ctx.tau, ctx.slab_bytes = tau, slab_bytes
         ent_sum = ent.sum()
         ctx.mark_non_differentiable(ent_sum, ids)
-        return vals, lse, ent_sum, ids
+        return vals - m[:, None], logs, ent_sum, ids
 
     @staticmethod
     def backward(ctx, ga, glse, _g_ent, _g_ids):
-        hs, Ws, ids, lse = ctx.saved_tensors
+        hs, Ws, ids, m, logs = ctx.saved_tensors
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_W):
             return None, None, None, None, None, None
@@ -347,7 +353,7 @@ class _StudentTopK(torch.autograd.Function):
             off = torch.searchsorted(sid, bounds.clamp_(max=v_hi).expand(N, -1).contiguous(), out_int32=True)
             dz = buf[:N * w].view(N, w)
             _dz_kernel[(triton.cdiv(N, block_m), n_tiles)](
-                hs, Ws, lse, glse, sid, sga, off, dz, N, H, k, hs.stride(0), Ws.stride(0), v_lo, v_hi, w,
+                hs, Ws, m, logs, glse, sid, sga, off, dz, N, H, k, hs.stride(0), Ws.stride(0), v_lo, v_hi, w,
                 n_tiles + 1, tau, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_H=block_h,
                 **_dot_args(hs), num_warps=8)
             Wslab = Ws[v_lo:v_hi]
@@ -377,13 +383,13 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: int =
 
 def _teacher(ht: torch.Tensor, Wt: torch.Tensor, ids: torch.Tensor, tau: float, splits: int | None):
     """Teacher log-probs at the student's ids [N, k] and Σ entropy (no gradient)."""
-    lse, ent, _ = _stream(ht, Wt, tau, None, splits)
+    m, logs, ent, _ = _stream(ht, Wt, tau, None, splits)
     N, k = ids.shape
     zt = torch.empty(N, k, dtype=torch.float32, device=ht.device)
     block_k = min(64, _next_pow2(k))
     _gather_dot_kernel[(N, triton.cdiv(k, block_k))](ht, Wt, ids.contiguous(), zt, k, ht.size(1), ht.stride(0),
                                                      Wt.stride(0), tau, BLOCK_K=block_k, BLOCK_H=64, num_warps=4)
-    return zt - lse[:, None], ent.sum()
+    return (zt - m[:, None]) - logs[:, None], ent.sum()
 
 
 def _validate(hs, Ws, ht, Wt, k, temperature, normalizer):
@@ -416,10 +422,10 @@ def fused_topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: tor
     tau = float(temperature)
     hs, Ws, ht, Wt = (x if x.stride(-1) == 1 else x.contiguous() for x in (hs, Ws, ht, Wt))
     N = hs.size(0)
-    a_S, lse_s, ent_s, ids = _StudentTopK.apply(hs, Ws, k, tau, vocab_splits, slab_bytes)
+    a_S, logs_s, ent_s, ids = _StudentTopK.apply(hs, Ws, k, tau, vocab_splits, slab_bytes)
     with torch.no_grad():
         lq_S, ent_t = _teacher(ht, Wt, ids, tau, vocab_splits)
-    kl = _topk_kl(a_S - lse_s[:, None], lq_S, renormalize).sum()
+    kl = _topk_kl(a_S - logs_s[:, None], lq_S, renormalize).sum()
     return LossOutput(loss=kl / normalizer, kl_sum=kl.detach(), tokens=N,
                       student_entropy=ent_s / N, teacher_entropy=ent_t / N)
 

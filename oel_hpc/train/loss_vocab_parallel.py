@@ -15,13 +15,15 @@ needs the whole vocabulary is rebuilt from per-shard pieces that are small:
 
 Per chunk of c positions the forward makes three collectives: an all-gather of [c, min(k, Vs) + 6] floats
 (candidates and the six softmax statistics of student and teacher), an all-gather of [c, min(k, Vs)] ids and an
-all-reduce of [c, k] teacher logits; every rank then holds the same ℓ, loss, kl_sum and entropies.
+all-reduce of [c, k] teacher logits; every rank then holds the same ℓ, loss, kl_sum and entropies. When gradients
+are wanted a fourth, an all-reduce of [c, H], follows.
 
-Backward needs dℓ/dlp at S, which depends on the student's values at ids other ranks own, so the forward keeps it
-([N, k], with the ids and the global lse) instead of lp_S and lq_S. The gradient of the local logits is local
-(scatter of g at the owned ids − softmax_local·Σg, as in loss.py); so is the head shard's. The hidden states feed
-every rank's replica of the decoder, so their gradient is the sum over ranks of dz_local @ W_shard, all-reduced
-here as megatron's ColumnParallelLinear does in its backward (do not wrap the input in
+The gradients are computed in the forward, while the chunk's local logits exist (loss.py's GradientsFromForward).
+dℓ/dlp at S depends on the student's values at ids other ranks own, but every rank holds the same gathered
+candidates, so every rank has it. The gradient of the local logits is local (scatter of g at the owned ids −
+softmax_local·Σg, as in loss.py); so is the head shard's. The hidden states feed every rank's replica of the
+decoder, so their gradient is the sum over ranks of dz_local @ W_shard, all-reduced here as megatron's
+ColumnParallelLinear does in its backward (do not wrap the input in
 copy_to_tensor_model_parallel_region as well). A group of one rank is loss.py's `topk_reverse_kl` itself.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from oel_hpc.train.loss import LossOutput, _fp32, check_inputs, topk_reverse_kl
+from oel_hpc.train.loss import GradientsFromForward, LossOutput, _fp32, _logits_into, check_inputs, topk_reverse_kl
 
 _N_STATS = 3  # per shard and model: max, Σ e^{z−max}, Σ e^{z−max}(z−max)
 # all_gather_into_tensor is deprecated from torch 2.13 in favour of all_gather_single, which older torch lacks
@@ -58,15 +60,16 @@ def _topk_lowest_id(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(take, key, 0).topk(k, dim=-1).indices  # k distinct positive keys: no ties left
 
 
-def _shard_stats(z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """[c, 3]: (m, Σ e^{z−m}, Σ e^{z−m}(z−m)) over this shard's real ids, m = the shard's max (−inf if it has none)."""
+def _shard_stats_(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """[c, 3]: (m, Σ e^{z−m}, Σ e^{z−m}(z−m)) over this shard's real ids, m = the shard's max (−inf if it has none);
+    z is left shifted by m, in place (scratch: a buffer of z's shape, overwritten)."""
     if z.size(-1) == 0:
         out = z.new_zeros(z.size(0), _N_STATS)
         out[:, 0] = float("-inf")
         return out
     m = z.amax(-1, keepdim=True)
-    d = z.sub_(m) if inplace else z - m
-    e = d.exp()
+    d = z.sub_(m)
+    e = torch.exp(d, out=scratch)
     s = e.sum(-1)
     return torch.stack([m.squeeze(-1), s, e.mul_(d).sum(-1)], -1)
 
@@ -84,12 +87,14 @@ def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return M.squeeze(-1) + logS, logS - T / S
 
 
-class _VocabParallelTopKReverseKL(torch.autograd.Function):
-    """Returns (Σ ℓ_t, Σ H_student, Σ H_teacher), the same on every rank of the group. Saves the selected global ids,
-    dℓ/dlp at them and the student's global logsumexp ([N, k] + [N, k] + [N]); backward recomputes local logits."""
+class _VocabParallelTopKReverseKL(GradientsFromForward):
+    """Returns (loss = Σ ℓ_t / normalizer, Σ ℓ_t, Σ H_student, Σ H_teacher), the same on every rank of the group.
+    As loss.py's chunked loss, the gradients (of h, all-reduced, and of this rank's head shard) are computed in
+    the forward while a chunk's local logits exist; per chunk three [chunk, Vs] fp32 buffers."""
 
     @staticmethod
-    def forward(ctx, hs, Ws, ht, Wt, k, temperature, renormalize, chunk_size, vocab_size, group, tp, rank):
+    def forward(ctx, hs, Ws, ht, Wt, k, temperature, renormalize, chunk_size, normalizer, need_h, need_W,
+                vocab_size, group, tp, rank):
         N, Vs = hs.size(0), Ws.size(0)
         lo = rank * Vs
         n_real = max(0, min(Vs, vocab_size - lo))  # this shard's rows that are tokens; the rest is padding
@@ -97,25 +102,27 @@ class _VocabParallelTopKReverseKL(torch.autograd.Function):
         kk = min(k, Vs)  # candidates each shard sends (padded with −inf where it has fewer real ids)
         f32 = torch.promote_types(hs.dtype, torch.float32)
         dev = hs.device
-        ids = torch.empty(N, k, dtype=torch.long, device=dev)
-        dl_dlp = torch.empty(N, k, dtype=f32, device=dev)
-        lse = torch.empty(N, dtype=f32, device=dev)
         kl = torch.zeros((), dtype=f32, device=dev)
         ent_s, ent_t = kl.clone(), kl.clone()
+        gh = torch.empty_like(hs) if need_h else None  # need_h, need_W: the same on every rank
+        # the head's gradient accumulates in fp32 (many bf16 chunk products would lose precision); padding rows get 0
+        gW = torch.zeros_like(Ws, dtype=f32) if need_W else None
+        z_buf, zt_buf, scratch = (torch.empty(min(chunk_size, N), n_real, dtype=f32, device=dev) for _ in range(3))
         for i in range(0, N, chunk_size):
             j = min(i + chunk_size, N)
             c = j - i
             send = torch.full((c, kk + 2 * _N_STATS), float("-inf"), dtype=f32, device=dev)
             send_ids = torch.full((c, kk), tp * Vs, dtype=torch.long, device=dev)  # never selected: value −inf
-            z = _fp32(hs[i:j] @ Wr.t()).div_(temperature)
+            z = _logits_into(z_buf[:c], hs[i:j], Wr, temperature)
             if n_real:
                 local = _topk_lowest_id(z, min(k, n_real))
                 send[:, :local.size(1)] = z.gather(-1, local)
                 send_ids[:, :local.size(1)] = local + lo
-            send[:, kk:kk + _N_STATS] = _shard_stats(z, inplace=True)
-            del z
-            zt = _fp32(ht[i:j] @ Wtr.t()).div_(temperature)
-            send[:, kk + _N_STATS:] = _shard_stats(zt)
+            stats_s = _shard_stats_(z, scratch[:c])  # z is now z − m_s
+            send[:, kk:kk + _N_STATS] = stats_s
+            zt = _logits_into(zt_buf[:c], ht[i:j], Wtr, temperature)
+            stats_t = _shard_stats_(zt, scratch[:c])  # zt is now zt − m_t
+            send[:, kk + _N_STATS:] = stats_t
             got = send.new_empty(tp * c, send.size(1))
             got_ids = send_ids.new_empty(tp * c, kk)
             _all_gather(got, send, group=group)
@@ -125,14 +132,14 @@ class _VocabParallelTopKReverseKL(torch.autograd.Function):
             lse_t, h_t = _combine(got[..., kk + _N_STATS:])
             cand = got[..., :kk].reshape(c, tp * kk)
             pos = _topk_lowest_id(cand, k)
-            ids[i:j] = got_ids.view(tp, c, kk).transpose(0, 1).reshape(c, tp * kk).gather(-1, pos)
+            ids = got_ids.view(tp, c, kk).transpose(0, 1).reshape(c, tp * kk).gather(-1, pos)
             lp_S = cand.gather(-1, pos) - lse_s[:, None]
             # the teacher's logits at S: the owner's value plus exact zeros from the others
-            own_local = ids[i:j] - lo
+            own_local = ids - lo
             own = (own_local >= 0) & (own_local < n_real)
-            zt_S = zt.gather(-1, own_local.clamp(0, max(n_real - 1, 0))) if n_real else zt.new_zeros(c, k)
+            zt_S = (zt.gather(-1, own_local.clamp(0, max(n_real - 1, 0))) + stats_t[:, :1] if n_real
+                    else zt.new_zeros(c, k))
             zt_S = torch.where(own, zt_S, 0)
-            del zt
             dist.all_reduce(zt_S, group=group)
             lq_S = zt_S - lse_t[:, None]
 
@@ -142,46 +149,30 @@ class _VocabParallelTopKReverseKL(torch.autograd.Function):
                 b = b - b.logsumexp(-1, keepdim=True)
             p = a.exp()
             kl += (p * (a - b)).sum()  # loss.py's _topk_kl, keeping a, b and p for the gradient
+            ent_s += h_s.sum()
+            ent_t += h_t.sum()
+            if not (need_h or need_W):
+                continue
             g = p * (a - b + 1)  # d/da Σ e^a (a − b) = e^a (a − b + 1)
             if renormalize:  # back through a = lp_S − logsumexp(lp_S)
                 g = g - p * g.sum(-1, keepdim=True)
-            dl_dlp[i:j] = g
-            lse[i:j] = lse_s
-            ent_s += h_s.sum()
-            ent_t += h_t.sum()
-        ctx.save_for_backward(hs, Ws, ids, dl_dlp, lse)
-        ctx.temperature, ctx.chunk_size, ctx.n_real, ctx.lo, ctx.group = temperature, chunk_size, n_real, lo, group
-        ctx.mark_non_differentiable(ent_s, ent_t)
-        return kl, ent_s, ent_t
-
-    @staticmethod
-    def backward(ctx, grad_kl, _grad_es, _grad_et):
-        hs, Ws, ids, dl_dlp, lse = ctx.saved_tensors
-        tau, N, n_real, lo = ctx.temperature, hs.size(0), ctx.n_real, ctx.lo
-        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # the same on every rank
-        Wr = Ws[:n_real]
-        gh = torch.empty_like(hs) if need_h else None
-        # the head's gradient accumulates in fp32 (many bf16 chunk products would lose precision); padding rows get 0
-        gW = torch.zeros_like(Ws, dtype=torch.promote_types(Ws.dtype, torch.float32)) if need_W else None
-        for i in range(0, N, ctx.chunk_size):
-            j = min(i + ctx.chunk_size, N)
-            g = dl_dlp[i:j] * grad_kl
+            g = g / normalizer
             # back through log_softmax: dz = g_scattered − softmax · Σg (this shard's columns), then z = logits / τ
-            dz = _fp32(hs[i:j] @ Wr.t()).div_(tau).sub_(lse[i:j, None]).exp_().mul_(-g.sum(-1, keepdim=True))
+            dz = torch.sub(z, (lse_s - stats_s[:, 0])[:, None], out=scratch[:c]).exp_()
+            dz.mul_(-g.sum(-1, keepdim=True))
             if n_real:
-                local = ids[i:j] - lo
-                own = (local >= 0) & (local < n_real)
-                dz.scatter_add_(-1, local.clamp(0, n_real - 1), torch.where(own, g, 0))
-            dz = dz.div_(tau).to(hs.dtype)
+                dz.scatter_add_(-1, own_local.clamp(0, n_real - 1), torch.where(own, g, 0))
+            dz = dz.div_(temperature).to(hs.dtype)
             if need_h:  # Σ over ranks of this shard's part, reduced in fp32
                 part = _fp32(dz @ Wr)
-                dist.all_reduce(part, group=ctx.group)
+                dist.all_reduce(part, group=group)
                 gh[i:j] = part
             if need_W:
                 gW[:n_real].add_(dz.t() @ hs[i:j])
-            del dz
-        return (gh, None if gW is None else gW.to(Ws.dtype), None, None, None, None, None, None, None, None, None,
-                None)
+        ctx.save_for_backward(gh, gW)
+        ctx.w_dtype = Ws.dtype
+        ctx.mark_non_differentiable(kl, ent_s, ent_t)
+        return kl / normalizer, kl, ent_s, ent_t
 
 
 def vocab_parallel_topk_reverse_kl(student_hidden: torch.Tensor, student_head_shard: torch.Tensor,
@@ -210,8 +201,11 @@ def vocab_parallel_topk_reverse_kl(student_hidden: torch.Tensor, student_head_sh
         return topk_reverse_kl(student_hidden, student_head_shard[:vocab_size], teacher_hidden,
                                teacher_head_shard[:vocab_size], k=k, temperature=temperature,
                                renormalize=renormalize, chunk_size=chunk_size, normalizer=normalizer)
-    kl, ent_s, ent_t = _VocabParallelTopKReverseKL.apply(
+    grad = torch.is_grad_enabled()
+    loss, kl, ent_s, ent_t = _VocabParallelTopKReverseKL.apply(
         student_hidden, student_head_shard, teacher_hidden.detach(), teacher_head_shard.detach(),
-        k, float(temperature), renormalize, chunk_size, vocab_size, group, tp, rank)
-    return LossOutput(loss=kl / normalizer, kl_sum=kl.detach(), tokens=N,
+        k, float(temperature), renormalize, chunk_size, normalizer,
+        grad and student_hidden.requires_grad, grad and student_head_shard.requires_grad,
+        vocab_size, group, tp, rank)
+    return LossOutput(loss=loss, kl_sum=kl, tokens=N,
                       student_entropy=ent_s / N, teacher_entropy=ent_t / N)
