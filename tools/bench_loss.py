@@ -2,7 +2,7 @@
 forward+backward, side by side, for
 
     naive    full [T × V] logits for student and teacher through `topk_reverse_kl_reference` (all T positions valid)
-    chunked  ours: `topk_reverse_kl(impl="chunked")`, chunks of positions recomputed in backward
+    chunked  ours: `topk_reverse_kl(impl="chunked")`, chunks of positions, gradients formed in the forward
     fused    ours: `topk_reverse_kl(impl="fused")`, the Triton kernels (GPU only)
     liger    liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0): the FULL-vocabulary
              reverse KL (not top-k) over chunks of positions, its gradients computed in the forward
