@@ -335,7 +335,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             raise ConfigError(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.consolidate.keep_checkpoints is not None and cfg.consolidate.keep_checkpoints <= 0:
         raise ConfigError("consolidate.keep_checkpoints", "must be positive or null")
-    loss_impl = cfg.consolidate.get("loss_impl", "auto")
+    loss_impl = cfg.consolidate.loss_impl
     if loss_impl not in ("auto", "chunked", "fused"):
         raise ConfigError("consolidate.loss_impl", f"must be auto, chunked or fused, got '{loss_impl}'")
     if loss_impl == "fused" and cfg.trainer.device == "cpu":

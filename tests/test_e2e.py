@@ -134,6 +134,19 @@ def test_second_round_starts_from_the_first_rounds_export(first_run, tmp_path):
     assert s1.isdisjoint(s2)
 
 
+def test_consolidation_uses_the_configured_loss_impl(first_run, tmp_path):
+    """consolidate.loss_impl reaches the loss: fused on this CPU machine stops consolidation with the loss's own
+    error (never a silent switch to chunked); the rounds before it are kept."""
+    _, run, _ = first_run
+    copy = tmp_path / "tiny-frozenlake"
+    shutil.copytree(run, copy)
+    out = oel(tmp_path, "consolidate.loss_impl=fused", "run.overwrite=true", check=False)
+    assert out.returncode != 0
+    assert "loss impl 'fused' is the Triton GPU kernel and needs CUDA tensors" in out.stderr, out.stderr[-3000:]
+    assert not (copy / "round_1/consolidate/DONE").exists()
+    assert (copy / "round_1/deploy/DONE").is_file()
+
+
 def test_all_empty_experience_stops_consolidation(random_model_dir, tmp_path):
     """A random-weight model writes no experience item: gather says so, consolidation refuses (its loss would be
     identically zero) until the user allows it explicitly."""

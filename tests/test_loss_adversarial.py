@@ -515,11 +515,6 @@ def test_config_loss_impl(overrides, ok):
     assert e.value.key == "consolidate.loss_impl"
 
 
-def test_consolidate_passes_loss_impl():
-    src = (ROOT / "oel_hpc" / "train" / "consolidate.py").read_text()
-    assert 'impl=c.get("loss_impl", "auto")' in src
-
-
 # ------------------------------------------------------------------------------- the benchmark script
 
 def test_bench_loss_smoke():

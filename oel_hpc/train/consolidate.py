@@ -100,7 +100,7 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> None:
     metrics = MetricsLog(paths.metrics(r), start, cfg.wandb, f"{cfg.run.name}-r{r}-consolidate-{stage_hash[:8]}",
                          {"round": r, "consolidate": dict(c), "model": base, "ranks": d.world_size}, enabled=main)
     loss_args = dict(k=c.topk, temperature=c.temperature, renormalize=c.renormalize, chunk_size=c.chunk_size,
-                     impl=c.get("loss_impl", "auto"))
+                     impl=c.loss_impl)
     with preemption.StopSignals() as signals:
         for step in tqdm(range(start + 1, c.steps + 1), desc=f"r{r} consolidate", unit="step", initial=start,
                          total=c.steps, disable=not main):
