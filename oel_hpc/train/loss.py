@@ -63,6 +63,21 @@ def _topk_kl(lp_S: torch.Tensor, lq_S: torch.Tensor, renormalize: bool) -> torch
     return (lp_S.exp() * (lp_S - lq_S)).sum(-1)
 
 
+def _topk_kl_and_grad(lp_S: torch.Tensor, lq_S: torch.Tensor, renormalize: bool, normalizer
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ ℓ over the rows, ∂(Σ ℓ / normalizer)/∂lp_S [..., k]): _topk_kl's value with its gradient by hand, for the
+    losses that form their gradients in the forward."""
+    a, b = lp_S, lq_S
+    if renormalize:
+        a = a - a.logsumexp(-1, keepdim=True)
+        b = b - b.logsumexp(-1, keepdim=True)
+    p = a.exp()
+    g = p * (a - b + 1)  # d/da Σ e^a (a − b) = e^a (a − b + 1)
+    if renormalize:  # back through a = lp_S − logsumexp(lp_S)
+        g = g - p * g.sum(-1, keepdim=True)
+    return (p * (a - b)).sum(), g / normalizer
+
+
 def topk_reverse_kl_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
                               k: int, temperature: float, renormalize: bool = False) -> torch.Tensor:
     """Plain version on full [B, L, V] logits: token mean of ℓ_t over mask. Test oracle and "naive" baseline."""
@@ -150,17 +165,10 @@ class _ChunkedTopKReverseKL(GradientsFromForward):
             p_full = _log_softmax_(lp, buf_b[:n])
             a = lp.gather(-1, ids)
             ent_s -= torch.dot(p_full.view(-1), lp.view(-1))
-            if renormalize:
-                a = a - a.logsumexp(-1, keepdim=True)
-                b = b - b.logsumexp(-1, keepdim=True)
-            p = a.exp()
-            kl += (p * (a - b)).sum()
+            kl_chunk, g = _topk_kl_and_grad(a, b, renormalize, normalizer)
+            kl += kl_chunk
             if not (need_h or need_W):
                 continue
-            g = p * (a - b + 1)  # d/da Σ e^a (a − b) = e^a (a − b + 1)
-            if renormalize:  # back through a = lp_S − logsumexp(lp_S)
-                g = g - p * g.sum(-1, keepdim=True)
-            g = g / normalizer
             # back through log_softmax: dz = g_scattered − softmax · Σg, then through z = logits / τ
             dz = p_full.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g).div_(temperature).to(hs.dtype)
             if need_h:

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from oel_hpc.train.loss import GradientsFromForward, LossOutput, _fp32, _logits_into, check_inputs, topk_reverse_kl
+from oel_hpc.train.loss import (GradientsFromForward, LossOutput, _fp32, _logits_into, _topk_kl_and_grad, check_inputs,
+                               topk_reverse_kl)
 
 _N_STATS = 3  # per shard and model: max, Σ e^{z−max}, Σ e^{z−max}(z−max)
 # all_gather_into_tensor is deprecated from torch 2.13 in favour of all_gather_single, which older torch lacks
@@ -143,20 +144,12 @@ class _VocabParallelTopKReverseKL(GradientsFromForward):
             dist.all_reduce(zt_S, group=group)
             lq_S = zt_S - lse_t[:, None]
 
-            a, b = lp_S, lq_S
-            if renormalize:
-                a = a - a.logsumexp(-1, keepdim=True)
-                b = b - b.logsumexp(-1, keepdim=True)
-            p = a.exp()
-            kl += (p * (a - b)).sum()  # loss.py's _topk_kl, keeping a, b and p for the gradient
+            kl_chunk, g = _topk_kl_and_grad(lp_S, lq_S, renormalize, normalizer)
+            kl += kl_chunk
             ent_s += h_s.sum()
             ent_t += h_t.sum()
             if not (need_h or need_W):
                 continue
-            g = p * (a - b + 1)  # d/da Σ e^a (a − b) = e^a (a − b + 1)
-            if renormalize:  # back through a = lp_S − logsumexp(lp_S)
-                g = g - p * g.sum(-1, keepdim=True)
-            g = g / normalizer
             # back through log_softmax: dz = g_scattered − softmax · Σg (this shard's columns), then z = logits / τ
             dz = torch.sub(z, (lse_s - stats_s[:, 0])[:, None], out=scratch[:c]).exp_()
             dz.mul_(-g.sum(-1, keepdim=True))
