@@ -66,7 +66,7 @@ def save(ckpt_dir: Path, step: int, trainer, stage_hash: str, keep: Optional[int
     final = ckpt_dir / f"step_{step}"
     if rank == 0:
         write_json_atomic(tmp / META, {"step": step, "config_hash": stage_hash, "world_size": world,
-                                       **trainer.checkpoint_meta()})
+                                       "compute_threads": torch.get_num_threads(), **trainer.checkpoint_meta()})
         replace_dir_atomic(tmp, final)
         write_text_atomic(ckpt_dir / "latest", f"{step}\n")
         if keep is not None:
@@ -103,6 +103,12 @@ def resume(ckpt_dir: Path, trainer, stage_hash: str, d=None) -> int:
         raise RuntimeError(f"{path} was written under another config (hash {meta['config_hash']} != {stage_hash}); "
                            "run.overwrite=true starts this consolidation afresh")
     trainer.check_checkpoint(meta, path)
+    threads = meta.get("compute_threads")
+    if threads is not None and threads != torch.get_num_threads() and (d is None or d.is_main):
+        # CPU GEMMs split their sums by thread, so the rounding (and, through Adam, the weights) depends on it
+        print(f"WARNING: {path} was written with {threads} compute threads per rank and this run has "
+              f"{torch.get_num_threads()} (OMP_NUM_THREADS): the result will not be bit-identical to an "
+              "uninterrupted run", flush=True)
     state = trainer.checkpoint_state()
     with _single_process_ok():
         dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
