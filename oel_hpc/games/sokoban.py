@@ -56,6 +56,13 @@ MSG_WALL = "A wall blocks the way."
 MSG_BLOCKED = "The box cannot move that way."
 MSG_SOLVED = "You pushed the box onto the target. Puzzle solved!"
 
+# textarena 0.7.4's plain reasons (its SokobanEnv wording): the authors' extractor read them. textarena refuses a
+# push into a wall with the same words as a walk into one.
+REASON_GOAL = "Congratulations! You have solved the Sokoban puzzle!"
+REASON_WALL = "You cannot move into a wall!"
+REASON_FORMAT = ("The submitted move does not follow the correct format. "
+                 "Use [up], [down], [left], [right] or [w], [a], [s], [d].")
+
 Cell = tuple[int, int]
 
 
@@ -76,6 +83,9 @@ class Transition(NamedTuple):
     reward: float
     terminated: bool
     message: str
+    blocked: bool = False  # the move was refused (wall, unpushable box): textarena counts it as an invalid move
+    end_reason: str | None = None  # "goal" when this move solves the puzzle
+    reason: str | None = None  # textarena's plain reason for a refused move or the end
 
 
 def is_solved(state: SokobanState) -> bool:
@@ -92,15 +102,15 @@ def transition(state: SokobanState, action: int) -> Transition:
     dr, dc = MOVES[word]
     nxt = (state.player[0] + dr, state.player[1] + dc)
     if state.is_wall(nxt):
-        return Transition(state, 0.0, False, MSG_WALL)
+        return Transition(state, 0.0, False, MSG_WALL, blocked=True, reason=REASON_WALL)
     if nxt != state.box:
         return Transition(state._replace(player=nxt), 0.0, False, f"You moved {word}.")
     behind = (nxt[0] + dr, nxt[1] + dc)
     if state.is_wall(behind):
-        return Transition(state, 0.0, False, MSG_BLOCKED)
+        return Transition(state, 0.0, False, MSG_BLOCKED, blocked=True, reason=REASON_WALL)
     new = state._replace(player=nxt, box=behind)
     if is_solved(new):
-        return Transition(new, 1.0, True, MSG_SOLVED)
+        return Transition(new, 1.0, True, MSG_SOLVED, end_reason="goal", reason=REASON_GOAL)
     return Transition(new, 0.0, False, f"You pushed the box {word}.")
 
 
