@@ -3,7 +3,12 @@
 Rules (DESIGN §1): 3×3 grid, the player starts top-left, the goal is bottom-right, exactly two
 holes lie among the other seven cells, resampled until a hole-free path exists. Falling into a
 hole ends the game with reward 0; reaching the goal ends it with reward 1. Moving off the grid
-leaves the player in place but still counts as a move (the text protocol counts model calls).
+leaves the player in place but still counts as a move (the text protocol counts model calls);
+textarena calls it an invalid move, which the protocol's ``invalid_move_limit`` counts.
+
+Boards: ``generate`` is this project's generator; ``textarena_boards.frozen_lake`` deals textarena
+0.7.4's map for a seed (``env.generator=textarena``). Both draw the 2 holes uniformly among the
+solvable pairs; only which seed gives which map differs.
 
 Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
 told to the model: inferring them is what experience is for):
