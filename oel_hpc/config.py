@@ -63,6 +63,14 @@ class ModelConfig:
 class EnvConfig:
     name: str = MISSING  # a key of oel_hpc.games.GAMES
     max_turns: int = 5  # model calls per game; invalid moves use calls too
+    # Boards: oel = this project's generator | textarena = the authors' library (textarena 0.7.4), seed for seed
+    generator: str = "oel"
+    # Game seeds of every stage: oel = held-out 0..n-1, training seeds hashed >= 2**20 | paper = the authors'
+    # formulas (oel_hpc/games/seeds.py; needs extract.shared_games=true)
+    seeds: str = "oel"
+    # Consecutive invalid moves (no action, or a move into an edge/wall) that end the game, lost: textarena's
+    # rule is 2. None = never.
+    invalid_move_limit: Optional[int] = None
 
 
 @dataclass
@@ -91,6 +99,8 @@ class ExtractConfig:
     use_step: int = 50  # gather takes experience_<use_step> of every seed
     show_previous: bool = True  # the extractor sees the experience gathered so far
     eval_games: int = 0  # held-out games played with the current experience each step (scores curve); 0 = off
+    # every extraction seed plays the same game sequence, only the sampling differs (the authors' 10 runs)
+    shared_games: bool = False
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20))
 
 
@@ -303,6 +313,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("run.name", f"'{cfg.run.name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
     if cfg.env.name not in GAMES:
         raise ConfigError("env.name", f"unknown game '{cfg.env.name}' (choose from: {', '.join(GAMES)})")
+    validate_env(cfg)
     if cfg.model.dtype not in _DTYPES or cfg.trainer.dtype not in _DTYPES:
         raise ConfigError("model.dtype", f"dtypes must be one of {_DTYPES}")
     if cfg.trainer.device not in ("auto", "cpu", "cuda"):
@@ -365,6 +376,39 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
             if vocab is not None and cfg.consolidate.topk > vocab:
                 raise ConfigError("consolidate.topk", f"k={cfg.consolidate.topk} is larger than the vocabulary ({vocab})")
+
+
+def validate_env(cfg: DictConfig) -> None:
+    """Generator, seed scheme and the invalid-move rule; with the authors' seed formulas, no training game may be
+    a held-out game (their formulas only keep apart the sizes they used)."""
+    from oel_hpc.games import GENERATORS, SEED_SCHEMES
+    from oel_hpc.games.seeds import heldout_collisions
+
+    env = cfg.env
+    if env.generator not in GENERATORS:
+        raise ConfigError("env.generator", f"must be one of {', '.join(GENERATORS)}, got '{env.generator}'")
+    if env.seeds not in SEED_SCHEMES:
+        raise ConfigError("env.seeds", f"must be one of {', '.join(SEED_SCHEMES)}, got '{env.seeds}'")
+    limit = env.invalid_move_limit
+    if limit is not None and limit < 1:
+        raise ConfigError("env.invalid_move_limit", f"must be positive or null, got {limit}")
+    if env.seeds != "paper":
+        return  # oel seeds: training seeds are >= 2**20, held-out seeds < 100 000, by construction
+    if not cfg.extract.shared_games:
+        raise ConfigError("extract.shared_games", "env.seeds=paper deals every extraction seed the authors' one game "
+                          "sequence; set extract.shared_games=true (or env.seeds=oel for a sequence per seed)")
+    heldout = max(cfg.evaluate.games, cfg.extract.eval_games)
+    counts = [cfg.pipeline.rounds, cfg.extract.steps, cfg.deploy.steps, cfg.deploy.games_per_step, heldout]
+    if any(not isinstance(n, int) or n <= 0 for n in counts) or heldout > 100_000:
+        return  # the range checks below name the bad key
+    clash = heldout_collisions("paper", heldout=heldout, rounds=cfg.pipeline.rounds,
+                               extract_seeds=cfg.extract.seeds, extract_steps=cfg.extract.steps,
+                               shared_extract=True, deploy_steps=cfg.deploy.steps,
+                               deploy_games=cfg.deploy.games_per_step)
+    if clash:
+        raise ConfigError("env.seeds", f"with the authors' seed formulas {len(clash)} training games would be "
+                          f"held-out games (first: seed {clash[0]}); use fewer held-out games "
+                          "(evaluate.games, extract.eval_games), fewer steps, or env.seeds=oel")
 
 
 def validate_trainer(cfg: DictConfig) -> None:

@@ -34,15 +34,24 @@ class GameResult:
     success: bool = False
     turns: list[Turn] = field(default_factory=list)
     final_log: str = ""
+    end_reason: Optional[str] = None  # goal | hole | invalid_moves | turn_limit (TextGame.end_reason)
+    end_reason_text: Optional[str] = None  # textarena's plain wording of it
 
     @property
     def mean_response_tokens(self) -> float:
         return sum(len(t.response_token_ids) for t in self.turns) / max(len(self.turns), 1)
 
 
+def game_rules(env_cfg) -> dict:
+    """The board generator and the invalid-move rule of the ``env`` config section, as ``play_games`` takes them."""
+    return {"generator": env_cfg.generator, "invalid_move_limit": env_cfg.invalid_move_limit}
+
+
 def play_games(engine, builder: PromptBuilder, env_name: str, game_seeds: Sequence[int], *, max_turns: int,
-               sampling, sampling_seed: int, experience: Optional[str] = None, desc: str = "games") -> list[GameResult]:
-    games = [make_game(env_name, s, max_calls=max_turns) for s in game_seeds]
+               sampling, sampling_seed: int, experience: Optional[str] = None, desc: str = "games",
+               generator: str = "oel", invalid_move_limit: Optional[int] = None) -> list[GameResult]:
+    games = [make_game(env_name, s, max_calls=max_turns, generator=generator, invalid_move_limit=invalid_move_limit)
+             for s in game_seeds]
     for game, s in zip(games, game_seeds):
         game.reset(seed=s)
     results = [GameResult(s) for s in game_seeds]
@@ -61,5 +70,6 @@ def play_games(engine, builder: PromptBuilder, env_name: str, game_seeds: Sequen
                                              info.get("action"), bool(info.get("valid"))))
                 if games[i].done:
                     results[i].success, results[i].final_log = bool(games[i].success), games[i].game_log
+                    results[i].end_reason, results[i].end_reason_text = info["end_reason"], info["end_reason_text"]
                     bar.update(1)
     return results

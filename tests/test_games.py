@@ -234,3 +234,138 @@ def test_games_package_is_torch_free():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the textarena generator (env.generator=textarena) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(GAMES))
+def test_textarena_generator_keeps_the_gymnasium_api(name):
+    env = gymnasium.make(GAMES[name], generator="textarena")
+    check_env(env.unwrapped, skip_render_check=False)
+    obs, info = env.reset(seed=3)
+    assert env.observation_space.contains(obs)
+    again, _ = env.reset(seed=3)
+    assert again == obs
+    # an unseeded reset continues the seeded env's generator: reproducible too
+    first = [env.reset()[0] for _ in range(3)]
+    env.reset(seed=3)
+    assert [env.reset()[0] for _ in range(3)] == first
+    with pytest.raises(ValueError, match="generator"):
+        gymnasium.make(GAMES[name], generator="gym-sokoban")
+
+
+@pytest.mark.parametrize("name", sorted(ENVS))
+def test_textarena_boards_solvable_and_unsolved(name):
+    env = ENVS[name](generator="textarena")
+    for seed in range(300):
+        state = env.reset(seed=seed)[1]["state"]
+        path = shortest_solution(name, state)
+        assert path is not None and len(path) >= 1, (seed, state)
+
+
+def test_paper_heldout_set_matches_the_reference():
+    """The authors' 128 held-out games (their seed formula, textarena's boards) have the figures reported for
+    them: Frozen Lake 19 distinct maps, every shortest path 4 moves; Sokoban 88.3 % of the rooms solvable within
+    5 moves and 31 % in one move (measured with textarena itself)."""
+    from oel_hpc.games import heldout_seeds, solution_length
+
+    seeds = heldout_seeds(128, "paper")
+    lake, room = FrozenLake3x3Env(generator="textarena"), Sokoban6x6Env(generator="textarena")
+    lakes = [lake.reset(seed=s)[1]["state"] for s in seeds]
+    assert len({s.holes for s in lakes}) == 19
+    assert {solution_length("frozenlake", s) for s in lakes} == {4}
+    lengths = [solution_length("sokoban", room.reset(seed=s)[1]["state"]) for s in seeds]
+    assert round(100 * sum(n <= 5 for n in lengths) / 128, 1) == 88.3
+    assert round(100 * lengths.count(1) / 128) == 31
+
+
+def test_transitions_say_what_textarena_would():
+    s = FrozenLakeState(player=(0, 0), holes=((0, 2), (1, 1)))
+    edge = frozen_lake.transition(s, ACTIONS.index("up"))
+    assert edge.blocked and edge.reason == "You tried to move up but hit a wall!" and edge.end_reason is None
+    step = frozen_lake.transition(s, ACTIONS.index("right"))
+    assert not step.blocked and step.reason is None and step.end_reason is None
+    hole = frozen_lake.transition(step.state, ACTIONS.index("right"))
+    assert hole.end_reason == "hole"
+    # textarena: 2 of the 4 steps from start to goal covered -> 50 %
+    assert hole.reason == "You fell into a hole! Game over. You completed 50% of the journey to the goal."
+    assert frozen_lake.transition(step.state, ACTIONS.index("down")).reason.count("50%") == 1  # (1, 1)
+    near = FrozenLakeState(player=(2, 1), holes=((0, 2), (1, 1)))
+    goal = frozen_lake.transition(near, ACTIONS.index("right"))
+    assert goal.end_reason == "goal" and goal.reason == "Congratulations! You reached the goal!"
+    first = FrozenLakeState(player=(0, 0), holes=((0, 1), (1, 1)))
+    assert "25%" in frozen_lake.transition(first, ACTIONS.index("right")).reason
+    assert "75%" in frozen_lake.transition(FrozenLakeState((2, 0), ((2, 1), (1, 1))), ACTIONS.index("right")).reason
+
+    grid = ("######", "#____#", "#____#", "#____#", "#____#", "######")
+    room = SokobanState(grid=grid, target=(1, 3), box=(2, 2), player=(3, 2))
+    wall = sokoban.transition(room._replace(player=(4, 1)), ACTIONS.index("left"))
+    assert wall.blocked and wall.reason == "You cannot move into a wall!"
+    push = sokoban.transition(room, ACTIONS.index("up"))
+    stuck = sokoban.transition(push.state, ACTIONS.index("up"))  # the box against the wall
+    assert not push.blocked and stuck.blocked and stuck.reason == "You cannot move into a wall!"
+    win = sokoban.transition(room._replace(box=(1, 2), player=(1, 1)), ACTIONS.index("right"))
+    assert win.end_reason == "goal" and win.reason == "Congratulations! You have solved the Sokoban puzzle!"
+
+
+# -- seed schemes (env.seeds) ------------------------------------------------------------------------------------
+# The expected values below are the authors' expressions, copied from their ray_trainer.py.
+
+
+def test_paper_heldout_seeds():
+    from oel_hpc.games import heldout_seeds
+
+    assert heldout_seeds(128, "paper") == [468382021 + 78025 + i * 1000 for i in range(128)]
+    assert heldout_seeds(128) == list(range(128))
+    with pytest.raises(ValueError):
+        heldout_seeds(4, "authors")
+
+
+def test_paper_extraction_seeds_are_one_sequence_for_every_seed():
+    from oel_hpc.games import extract_seed
+
+    held_out_size = 128
+    for oel_round in (1, 2, 3):
+        training_seeds = [468382021 + 78025 + oel_round * 500000 + i * 1000
+                          for i in range(held_out_size, held_out_size + 100)]
+        for task in (0, 3, 9):  # their 10 "checkpoints" only seed the sampler
+            ours = [extract_seed(oel_round, task, step, scheme="paper", shared=True) for step in range(1, 101)]
+            assert ours == training_seeds
+    with pytest.raises(ValueError, match="shared"):
+        extract_seed(1, 0, 1, scheme="paper", shared=False)
+    with pytest.raises(ValueError):
+        extract_seed(1, 0, 0, scheme="paper", shared=True)  # steps are 1-based
+
+
+def test_paper_deploy_seeds():
+    from oel_hpc.games import deploy_seeds
+
+    env_num = 128  # their data.train_batch_size default
+    for oel_round, global_steps in ((1, 1), (1, 100), (2, 7), (3, 1)):
+        theirs = [505019424 + 90039 + 100000 + (oel_round - 1) * 10000000 + tmp_num * 1000
+                  for tmp_num in range(global_steps * env_num, (global_steps + 1) * env_num)]
+        assert deploy_seeds(oel_round, global_steps, env_num, scheme="paper") == theirs
+
+
+def test_oel_scheme_is_todays_and_shared_games_share():
+    from oel_hpc.games import deploy_seeds, extract_seed, train_seed
+
+    assert extract_seed(2, 3, 4) == train_seed("extract", 2, 3, 4)
+    assert deploy_seeds(2, 5, 3) == [train_seed("deploy", 2, 5, i) for i in range(3)]
+    shared = {extract_seed(1, task, 2, shared=True) for task in range(10)}
+    assert shared == {train_seed("extract", 1, 0, 2)}
+    assert len({extract_seed(1, task, 2) for task in range(10)}) == 10
+
+
+def test_heldout_collisions_found():
+    from oel_hpc.games.seeds import heldout_collisions
+
+    paper = dict(rounds=3, extract_seeds=10, extract_steps=100, shared_extract=True, deploy_steps=100,
+                 deploy_games=128)
+    assert heldout_collisions("paper", heldout=128, **paper) == []
+    assert heldout_collisions("paper", heldout=628, **paper) == []
+    # held-out game 628 is 468460046 + 628000 = round 1's first extraction game (500000 + 128 * 1000)
+    assert heldout_collisions("paper", heldout=629, **paper) == [468382021 + 78025 + 628 * 1000]
+    assert heldout_collisions("oel", heldout=100_000, rounds=2, extract_seeds=10, extract_steps=5,
+                              shared_extract=False, deploy_steps=3, deploy_games=8) == []

@@ -127,3 +127,160 @@ def test_step_before_reset_and_bad_types():
         game.step(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         TextGame(FrozenLake3x3Env(), max_calls=0)
+
+
+# -- textarena's invalid-move rule (invalid_move_limit) and the end reasons ------------------------------------------
+
+FORMAT_REASON = "Invalid action format. Use [up], [down], [left], [right] or [w], [a], [s], [d]."
+
+
+def test_two_invalid_moves_in_a_row_end_the_game():
+    game = make_game("frozenlake", seed=0, invalid_move_limit=2)
+    board0 = game.board
+    _, _, terminated, truncated, info = game.step("no idea")
+    assert not terminated and not truncated and info["invalid_move"] and info["end_reason"] is None
+    assert info["invalid_reason"] == FORMAT_REASON
+    _, reward, terminated, truncated, info = game.step("still no idea")
+    assert terminated and not truncated and reward == 0.0 and not game.success and game.calls == 2
+    assert info["end_reason"] == game.end_reason == "invalid_moves"
+    assert info["end_reason_text"] == game.end_reason_text == f"Invalid Move: {FORMAT_REASON}"
+    assert game.log_blocks[-1] == f"Invalid action.\nToo many invalid moves in a row. Game over.\nFinal board:\n{board0}"
+    with pytest.raises(RuntimeError):
+        game.step("[down]")
+
+
+def test_a_refused_move_is_invalid_and_a_valid_one_resets_the_count():
+    game = make_game("frozenlake", seed=0, invalid_move_limit=2)
+    _, _, _, _, info = game.step("[up]")  # off the grid from the top-left start
+    assert info["valid"] and info["invalid_move"] and info["invalid_reason"] == "You tried to move up but hit a wall!"
+    path = shortest_solution("frozenlake", game.state)
+    _, _, terminated, _, info = game.step(f"[{path[0]}]")
+    assert not terminated and not info["invalid_move"] and info["invalid_reason"] is None
+    _, _, terminated, _, _ = game.step("nothing")
+    assert not terminated  # one invalid move after a valid one
+    _, _, terminated, _, info = game.step("[left]" if path[0] == "down" else "[up]")  # the edge again
+    assert terminated and info["end_reason"] == "invalid_moves"
+    assert info["end_reason_text"] == f"Invalid Move: {info['invalid_reason']}"
+
+
+def test_sokoban_push_into_a_wall_counts_as_invalid():
+    from oel_hpc.games import Sokoban6x6Env, SokobanState
+
+    grid = ("######", "#____#", "#____#", "#____#", "#____#", "######")
+    env = Sokoban6x6Env()
+    game = TextGame(env, max_calls=5, invalid_move_limit=2)
+    game.reset(seed=0)
+    env._state = game._state = SokobanState(grid=grid, target=(4, 4), box=(1, 2), player=(2, 2))
+    _, _, terminated, _, info = game.step("[up]")  # the box is against the top wall
+    assert not terminated and info["invalid_reason"] == "You cannot move into a wall!"
+    _, _, terminated, _, info = game.step("[w]")
+    assert terminated and info["end_reason_text"] == "Invalid Move: You cannot move into a wall!"
+
+
+def test_the_second_invalid_move_on_the_last_call_ends_by_the_rule():
+    game = make_game("sokoban", seed=1, max_calls=2, invalid_move_limit=2)
+    game.step("?")
+    _, _, terminated, truncated, info = game.step("?")
+    assert terminated and not truncated and info["end_reason"] == "invalid_moves"
+
+
+def test_without_the_rule_invalid_moves_run_out_the_budget():
+    game = make_game("frozenlake", seed=0, max_calls=3)
+    for _ in range(3):
+        _, _, terminated, truncated, info = game.step("?")
+    assert truncated and not terminated
+    assert info["end_reason"] == "turn_limit"
+    assert info["end_reason_text"] == "Environment terminated because the round limit is reached"
+
+
+def test_end_reasons_for_goal_and_hole():
+    seed, move = _hole_seed_and_move()
+    game = make_game("frozenlake", seed=seed)
+    _, _, _, _, info = game.step(f"[{move}]")
+    assert info["end_reason"] == game.end_reason == "hole"
+    assert info["end_reason_text"].startswith("You fell into a hole! Game over. You completed 25% of the journey")
+    game.reset(seed=2)
+    assert game.end_reason is None and game.end_reason_text is None
+    for word in shortest_solution("frozenlake", game.state):
+        _, _, _, _, info = game.step(f"[{word}]")
+    assert info["end_reason"] == "goal" and info["end_reason_text"] == "Congratulations! You reached the goal!"
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])
+def test_invalid_move_limit_must_be_positive(bad):
+    with pytest.raises(ValueError, match="invalid_move_limit"):
+        TextGame(FrozenLake3x3Env(), invalid_move_limit=bad)
+
+
+def test_textarena_generator_through_make_game():
+    from oel_hpc.games import textarena_boards
+
+    game = make_game("sokoban", seed=11, generator="textarena")
+    assert game.state == textarena_boards.sokoban(11)
+    assert make_game("sokoban", seed=11).state != game.state  # the other generator: another room
+
+
+# -- the protocol keys in the config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["env.generator=gym"], "env.generator"),
+    (["env.seeds=authors"], "env.seeds"),
+    (["env.invalid_move_limit=0"], "env.invalid_move_limit"),
+    (["env.seeds=paper"], "extract.shared_games"),
+    (["env.seeds=paper", "extract.shared_games=true", "evaluate.games=629"], "env.seeds"),
+])
+def test_protocol_keys_are_validated(overrides, key):
+    from oel_hpc.config import ConfigError, validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(overrides), check_files=False)
+    assert e.value.key == key
+
+
+def test_paper_recipes_play_the_authors_games_and_tiny_keeps_its_own():
+    from oel_hpc.config import CONF_DIR
+    from tests.conftest import compose
+
+    recipes = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem != "tiny")
+    assert len(recipes) == 4
+    for recipe in recipes:
+        cfg = compose([f"experiment={recipe}"])
+        assert (cfg.env.generator, cfg.env.seeds, cfg.env.invalid_move_limit, cfg.extract.shared_games) == \
+            ("textarena", "paper", 2, True), recipe
+    tiny = compose()
+    assert (tiny.env.generator, tiny.env.seeds, tiny.env.invalid_move_limit, tiny.extract.shared_games) == \
+        ("oel", "oel", None, False)
+
+
+def test_a_run_with_the_authors_games(tmp_path):
+    """The tiny pipeline with every paper option on: the stages deal the authors' seeds and textarena's boards."""
+    import json
+    import subprocess
+    import sys
+
+    from oel_hpc.games import textarena_boards
+    from oel_hpc.games.frozen_lake import render
+    from oel_hpc.rundir import read_jsonl
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "oel_hpc", f"run.root={tmp_path}", "run.name=paper-games", "wandb.mode=disabled",
+         "env.generator=textarena", "env.seeds=paper", "env.invalid_move_limit=2", "extract.shared_games=true",
+         "extract.steps=2", "extract.use_step=2", "extract.eval_games=2", "deploy.games_per_step=2",
+         "consolidate.steps=1", "evaluate.games=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "paper-games" / "round_1"
+    authors_extraction = [468382021 + 78025 + 1 * 500000 + i * 1000 for i in range(128, 130)]
+    for seed in (0, 1):
+        games = read_jsonl(run / f"extract/seed_{seed}/games.jsonl")
+        assert [g["game_seed"] for g in games] == authors_extraction
+    rows = read_jsonl(run / "deploy/step_1.jsonl")
+    authors_deploy = [505019424 + 90039 + 100000 + tmp_num * 1000 for tmp_num in range(1 * 2, 2 * 2)]
+    assert sorted({r["game_seed"] for r in rows}) == authors_deploy
+    for row in rows:
+        if row["turn"] == 1:
+            assert render(textarena_boards.frozen_lake(row["game_seed"])) in row["log_blocks"][0]
+    assert json.loads((run / "eval/step_1.json").read_text())["games"] == 2

@@ -1,6 +1,9 @@
 """The games (DESIGN §1): Frozen Lake 3×3 and Sokoban 6×6 as gymnasium envs, the text protocol
 (:class:`TextGame`), action parsing, BFS solvers and seed lists. Torch-free by design.
 
+Two board generators (this project's and textarena 0.7.4's, seed for seed) and two seed schemes (this
+project's and the authors' formulas) are selectable; see ``grid_env.py`` and ``seeds.py``.
+
 Importing this package registers ``oel/FrozenLake3x3-v0`` and ``oel/Sokoban6x6-v0`` with
 gymnasium (idempotently, so re-imports and reloads are harmless).
 """
@@ -10,9 +13,10 @@ from __future__ import annotations
 import gymnasium
 
 from .frozen_lake import FrozenLake3x3Env, FrozenLakeState
+from .grid_env import GENERATORS
 from .parsing import ACTIONS, ALIASES, action_id, parse_action
 from .protocol import LOG_SEPARATOR, TextGame, join_blocks
-from .seeds import heldout_seeds, train_seed
+from .seeds import SEED_SCHEMES, deploy_seeds, extract_seed, heldout_seeds, train_seed
 from .sokoban import Sokoban6x6Env, SokobanState
 from .solvers import optimal_actions, shortest_solution, solution_length
 
@@ -37,15 +41,18 @@ def register_games() -> None:
 register_games()
 
 
-def make_game(name: str, seed: int, max_calls: int = 5) -> TextGame:
+def make_game(name: str, seed: int, max_calls: int = 5, *, generator: str = "oel",
+              invalid_move_limit: int | None = None) -> TextGame:
     """A :class:`TextGame` for ``name`` (a key of :data:`GAMES`), already reset with ``seed``
-    (so ``game_log`` shows the first board). ``reset(seed=seed)`` replays the same board."""
+    (so ``game_log`` shows the first board). ``reset(seed=seed)`` replays the same board.
+    ``generator``: ``oel`` (this project's boards) or ``textarena`` (the authors' library's boards for the same
+    seed); ``invalid_move_limit``: consecutive invalid moves that end the game (textarena: 2; None = never)."""
     key = name.lower() if isinstance(name, str) else name
     if key not in GAMES:
         raise ValueError(f"unknown game {name!r}; allowed names: {', '.join(sorted(GAMES))}")
     # The env checker runs in the tests (check_env); skip its per-instance wrapper in rollouts.
-    env = gymnasium.make(GAMES[key], disable_env_checker=True)
-    game = TextGame(env, max_calls=max_calls)
+    env = gymnasium.make(GAMES[key], disable_env_checker=True, generator=generator)
+    game = TextGame(env, max_calls=max_calls, invalid_move_limit=invalid_move_limit)
     game.reset(seed=seed)
     return game
 
@@ -54,13 +61,17 @@ __all__ = [
     "ACTIONS",
     "ALIASES",
     "GAMES",
+    "GENERATORS",
     "LOG_SEPARATOR",
+    "SEED_SCHEMES",
     "FrozenLake3x3Env",
     "FrozenLakeState",
     "Sokoban6x6Env",
     "SokobanState",
     "TextGame",
     "action_id",
+    "deploy_seeds",
+    "extract_seed",
     "heldout_seeds",
     "join_blocks",
     "make_game",

@@ -3,7 +3,12 @@
 Rules (DESIGN §1): 3×3 grid, the player starts top-left, the goal is bottom-right, exactly two
 holes lie among the other seven cells, resampled until a hole-free path exists. Falling into a
 hole ends the game with reward 0; reaching the goal ends it with reward 1. Moving off the grid
-leaves the player in place but still counts as a move (the text protocol counts model calls).
+leaves the player in place but still counts as a move (the text protocol counts model calls);
+textarena calls it an invalid move, which the protocol's ``invalid_move_limit`` counts.
+
+Boards: ``generate`` is this project's generator; ``textarena_boards.frozen_lake`` deals textarena
+0.7.4's map for a seed (``env.generator=textarena``). Both draw the 2 holes uniformly among the
+solvable pairs; only which seed gives which map differs.
 
 Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
 told to the model: inferring them is what experience is for):
@@ -41,6 +46,13 @@ MSG_EDGE = "You hit the edge and stayed in place."
 MSG_HOLE = "You fell into a hole. Game over."
 MSG_GOAL = "You reached the goal!"
 
+# textarena 0.7.4's plain reasons (its FrozenLakeEnv wording), for the end of a game and for a refused move: the
+# authors' extractor read them. REASON_EDGE takes {action}, REASON_HOLE {percent} (textarena's "completion").
+REASON_GOAL = "Congratulations! You reached the goal!"
+REASON_HOLE = "You fell into a hole! Game over. You completed {percent}% of the journey to the goal."
+REASON_EDGE = "You tried to move {action} but hit a wall!"
+REASON_FORMAT = "Invalid action format. Use [up], [down], [left], [right] or [w], [a], [s], [d]."
+
 
 class FrozenLakeState(NamedTuple):
     """Complete, hashable game state: the solver needs nothing else."""
@@ -59,6 +71,9 @@ class Transition(NamedTuple):
     reward: float
     terminated: bool
     message: str
+    blocked: bool = False  # the move was refused (off the grid): textarena counts it as an invalid move
+    end_reason: str | None = None  # "goal" | "hole" when this move ends the game
+    reason: str | None = None  # textarena's plain reason for a refused move or the end
 
 
 def is_solved(state: FrozenLakeState) -> bool:
@@ -75,13 +90,26 @@ def transition(state: FrozenLakeState, action: int) -> Transition:
     dr, dc = MOVES[word]
     r, c = state.player[0] + dr, state.player[1] + dc
     if not (0 <= r < state.size and 0 <= c < state.size):
-        return Transition(state, 0.0, False, MSG_EDGE)
+        return Transition(state, 0.0, False, MSG_EDGE, blocked=True, reason=REASON_EDGE.format(action=word))
     new = state._replace(player=(r, c))
     if is_lost(new):
-        return Transition(new, 0.0, True, MSG_HOLE)
+        return Transition(new, 0.0, True, MSG_HOLE, end_reason="hole",
+                          reason=REASON_HOLE.format(percent=completion_percent(new)))
     if is_solved(new):
-        return Transition(new, 1.0, True, MSG_GOAL)
+        return Transition(new, 1.0, True, MSG_GOAL, end_reason="goal", reason=REASON_GOAL)
     return Transition(new, 0.0, False, f"You moved {word}.")
+
+
+def completion_percent(state: FrozenLakeState) -> int:
+    """textarena's "completion" of a game that ended at ``state.player``: the share of the start-to-goal distance
+    covered (grid distance ignoring holes, i.e. Manhattan distance), at most 95 %, at least 10 % once the player
+    has moved, rounded as textarena rounds it (Python's ``round``)."""
+    total = abs(state.goal[0] - START[0]) + abs(state.goal[1] - START[1])
+    travelled = abs(state.player[0] - START[0]) + abs(state.player[1] - START[1])
+    completion = min(travelled / total, 0.95) if total > 0 else 0.0
+    if state.player != START:
+        completion = max(completion, 0.1)
+    return round(completion * 100)
 
 
 def render(state: FrozenLakeState) -> str:

@@ -1,5 +1,9 @@
 """The gymnasium side shared by both games: each game module supplies pure functions of an immutable state
-(`generate`, `transition`, `render`); this class wraps them in the env API exactly."""
+(`generate`, `transition`, `render`); this class wraps them in the env API exactly.
+
+Two board generators (``generator=``): ``oel``, this project's own (``rules.generate`` on the env's numpy
+generator), and ``textarena``, the authors' game library's boards re-implemented seed for seed
+(``textarena_boards.py``)."""
 
 from __future__ import annotations
 
@@ -10,20 +14,27 @@ from gymnasium import spaces
 
 from .parsing import ACTIONS
 
+GENERATORS = ("oel", "textarena")
+
 
 class GridGameEnv(gymnasium.Env):
     """``Discrete(4)`` actions (``ACTIONS`` order), board-text observations; ``info`` carries ``"message"`` (a short
-    factual game message) and ``"state"`` (the hashable state the solver reads). The board is a pure function of
-    the reset seed."""
+    factual game message), ``"state"`` (the hashable state the solver reads), ``"blocked"`` (the game refused the
+    move: edge, wall or an unpushable box; textarena calls that an invalid move), ``"end_reason"`` (``"goal"`` or
+    ``"hole"`` on the move that ends the game, else None) and ``"reason"`` (textarena's plain wording for a
+    refused move or the end, else None). The board is a pure function of the reset seed and the generator."""
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     game_name: str
     rules: ModuleType  # the game module: generate(rng), transition(state, action), render(state), ...
 
-    def __init__(self, render_mode: str | None = None):
+    def __init__(self, render_mode: str | None = None, generator: str = "oel"):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         self.render_mode = render_mode
+        self.generator = generator
         self.action_space = spaces.Discrete(len(ACTIONS))
         chars = self.rules.BOARD_CHARS
         self.observation_space = spaces.Text(max_length=chars, min_length=chars, charset=self.rules.CHARSET)
@@ -38,7 +49,15 @@ class GridGameEnv(gymnasium.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._state = self.rules.generate(self.np_random)
+        if self.generator == "textarena":
+            # textarena seeds its generators with the game seed itself; an unseeded reset draws one from the
+            # env's generator, so reset() after reset(seed=s) is still reproducible
+            from .textarena_boards import BOARDS  # imported here: it imports the game modules
+
+            board_seed = seed if seed is not None else int(self.np_random.integers(2**32))
+            self._state = BOARDS[self.game_name](board_seed)
+        else:
+            self._state = self.rules.generate(self.np_random)
         self._done = False
         return self.rules.render(self._state), {"message": self.rules.MSG_RESET, "state": self._state}
 
@@ -51,7 +70,14 @@ class GridGameEnv(gymnasium.Env):
             raise ValueError(f"invalid action {action!r}; expected an int in [0, {len(ACTIONS)})")
         t = self.rules.transition(self._state, int(action))
         self._state, self._done = t.state, t.terminated
-        return self.rules.render(t.state), t.reward, t.terminated, False, {"message": t.message, "state": t.state}
+        info = {"message": t.message, "state": t.state, "blocked": t.blocked, "end_reason": t.end_reason,
+                "reason": t.reason}
+        return self.rules.render(t.state), t.reward, t.terminated, False, info
 
     def render(self) -> str:
         return self.rules.render(self.state)
+
+    @property
+    def format_reason(self) -> str:
+        """textarena's reason for a response with no action in it (the protocol judges those, not the env)."""
+        return self.rules.REASON_FORMAT

@@ -28,6 +28,16 @@ when a prompt exceeds its token budget. Block 0 is the initial board; each call 
 A block whose call ended the game says ``Final board:`` instead of ``Turn k:`` (after the
 message, plus ``Out of moves. Game over.`` when the call budget ran out).
 Blocks are joined with :data:`LOG_SEPARATOR` (use :func:`join_blocks` for a trimmed list).
+
+textarena's rule, optional (``invalid_move_limit``, the authors' library: 2): that many *consecutive* invalid
+moves end the game, lost. An invalid move is a response without an action or a move the game refuses (edge,
+wall, unpushable box); a valid move resets the count. ``None`` (the default) never ends a game that way, and
+the log then reads exactly as without the rule. Every call still counts against ``max_calls``, as the authors'
+rollout counts them.
+
+How a game ended is in the last step's ``info``: ``end_reason`` is a short code (``goal``, ``hole``,
+``invalid_moves``, ``turn_limit`` = the call budget ran out) and ``end_reason_text`` textarena's plain wording
+of it (what the authors' extractor was shown); both None while the game runs.
 """
 
 from __future__ import annotations
@@ -43,6 +53,12 @@ from .parsing import ACTIONS, parse_action
 LOG_SEPARATOR = "\n\n"
 MSG_INVALID = "Invalid action."
 MSG_OUT_OF_CALLS = "Out of moves. Game over."
+MSG_INVALID_LIMIT = "Too many invalid moves in a row. Game over."
+# plain reasons for the ends the protocol decides (the games give their own for goal and hole); the first is
+# textarena's "Invalid Move: <reason of the last invalid move>", the second the authors' rollout's wording
+REASON_INVALID_LIMIT = "Invalid Move: {reason}"
+REASON_OUT_OF_CALLS = "Environment terminated because the round limit is reached"
+GENERIC_FORMAT_REASON = "The response contains no action."
 #: nominal bound on a response; the protocol never rejects a longer one.
 MAX_RESPONSE_CHARS = 1_000_000
 _LOG_CHARSET = frozenset(string.printable) | frozenset("√")
@@ -58,15 +74,22 @@ class TextGame(gymnasium.Wrapper):
 
     ``reset(seed=None, options=None) -> (game_log, info)``;
     ``step(response) -> (game_log, reward, terminated, truncated, info)`` with ``info`` holding
-    ``action`` (canonical word or None), ``valid``, ``message``, ``state``, ``calls`` and
-    ``success``. Stepping a finished game raises ``RuntimeError``.
+    ``action`` (canonical word or None), ``valid`` (an action was found), ``message``, ``state``, ``calls``,
+    ``success``, ``invalid_move`` (no action, or the game refused the move), ``invalid_reason`` (textarena's
+    wording of why, else None), ``end_reason`` and ``end_reason_text`` (see the module docstring).
+    Stepping a finished game raises ``RuntimeError``.
     """
 
-    def __init__(self, env: gymnasium.Env, max_calls: int = 5):
+    def __init__(self, env: gymnasium.Env, max_calls: int = 5, invalid_move_limit: int | None = None):
         super().__init__(env)
         if not isinstance(max_calls, int) or max_calls < 1:
             raise ValueError(f"max_calls must be a positive int, got {max_calls!r}")
+        if invalid_move_limit is not None and (
+            isinstance(invalid_move_limit, bool) or not isinstance(invalid_move_limit, int) or invalid_move_limit < 1
+        ):
+            raise ValueError(f"invalid_move_limit must be a positive int or None, got {invalid_move_limit!r}")
         self.max_calls = max_calls
+        self.invalid_move_limit = invalid_move_limit
         self._action_space = spaces.Text(
             max_length=MAX_RESPONSE_CHARS, min_length=0, charset=_LOG_CHARSET
         )
@@ -81,6 +104,9 @@ class TextGame(gymnasium.Wrapper):
         self._terminated = False
         self._truncated = False
         self._success = False
+        self._invalid_streak = 0
+        self._end_reason: str | None = None
+        self._end_reason_text: str | None = None
 
     # -- gymnasium API -------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -89,7 +115,10 @@ class TextGame(gymnasium.Wrapper):
         self._blocks = [f"Turn 1:\n{board}"]
         self._actions = []
         self._terminated = self._truncated = self._success = False
-        info = dict(info, action=None, valid=True, calls=0, success=False)
+        self._invalid_streak = 0
+        self._end_reason = self._end_reason_text = None
+        info = dict(info, action=None, valid=True, calls=0, success=False, invalid_move=False,
+                    invalid_reason=None, end_reason=None, end_reason_text=None)
         return self.game_log, info
 
     def step(self, response: str) -> tuple[str, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -106,19 +135,35 @@ class TextGame(gymnasium.Wrapper):
             lines = [MSG_INVALID]
             message, reward, terminated = MSG_INVALID, 0.0, False
             extra: dict[str, Any] = {}
+            invalid_reason: str | None = getattr(self.env.unwrapped, "format_reason", GENERIC_FORMAT_REASON)
         else:
             board, reward, terminated, env_truncated, extra = self.env.step(ACTIONS.index(word))
             self._board, self._state = board, extra.get("state")
             message = extra.get("message", "")
             lines = [f"Action: [{word}]", message]
-        success = bool(terminated) and float(reward) > 0
+            invalid_reason = extra.get("reason") if extra.get("blocked") else None
+        self._invalid_streak = self._invalid_streak + 1 if invalid_reason is not None else 0
+        terminated = bool(terminated)
+        success = terminated and float(reward) > 0
+        if terminated:
+            end_reason = extra.get("end_reason") or ("goal" if success else "lost")
+            end_text = extra.get("reason")
+        elif self.invalid_move_limit is not None and self._invalid_streak >= self.invalid_move_limit:
+            # textarena ends the game on this call, even when it is also the last one the budget allows
+            terminated, end_reason = True, "invalid_moves"
+            end_text = REASON_INVALID_LIMIT.format(reason=invalid_reason)
+            lines.append(MSG_INVALID_LIMIT)
+        else:
+            end_reason = end_text = None
         truncated = not terminated and (env_truncated or self.calls >= self.max_calls)
         if truncated:
             lines.append(MSG_OUT_OF_CALLS)
+            end_reason, end_text = "turn_limit", REASON_OUT_OF_CALLS
+        self._end_reason, self._end_reason_text = end_reason, end_text
         heading = "Final board:" if terminated or truncated else f"Turn {self.calls + 1}:"
         lines += [heading, self._board]
         self._blocks.append("\n".join(lines))
-        self._terminated, self._truncated, self._success = bool(terminated), truncated, success
+        self._terminated, self._truncated, self._success = terminated, truncated, success
         info = dict(
             extra,
             action=word,
@@ -127,8 +172,12 @@ class TextGame(gymnasium.Wrapper):
             state=self._state,
             calls=self.calls,
             success=success,
+            invalid_move=invalid_reason is not None,
+            invalid_reason=invalid_reason,
+            end_reason=end_reason,
+            end_reason_text=end_text,
         )
-        return self.game_log, 1.0 if success else 0.0, bool(terminated), truncated, info
+        return self.game_log, 1.0 if success else 0.0, terminated, truncated, info
 
     def render(self) -> str:
         return self._board
@@ -156,6 +205,16 @@ class TextGame(gymnasium.Wrapper):
     @property
     def success(self) -> bool:
         return self._success
+
+    @property
+    def end_reason(self) -> str | None:
+        """How the game ended (goal, hole, invalid_moves, turn_limit); None while it runs."""
+        return self._end_reason
+
+    @property
+    def end_reason_text(self) -> str | None:
+        """textarena's plain wording of :attr:`end_reason`; None while the game runs."""
+        return self._end_reason_text
 
     @property
     def terminated(self) -> bool:

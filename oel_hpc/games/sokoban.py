@@ -10,7 +10,11 @@ the player, who *pulls* the box when stepping straight away from it. Every rever
 into a legal forward step, so every room is solvable by construction. ``WALK_STEPS``,
 ``PULL_PROB`` and ``MAX_INTERIOR_WALLS`` are tuned so ≈88 % of rooms (seeds 0..999: 88.1 %) are
 solvable within 5 moves, like the paper generator's ≈88 % (see ``tests/test_games.py``);
-a room is never generated already solved.
+a room is never generated already solved. This is the ``oel`` generator; ``env.generator=textarena``
+deals textarena 0.7.4's rooms instead (``textarena_boards.sokoban``, the authors' boards, with more
+1-move rooms: 31 % of the authors' 128 held-out rooms, 19 % of this generator's rooms for the same
+seeds). A push into a wall and a walk into one leave the state unchanged; textarena calls both
+invalid moves.
 
 Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
 told to the model):
@@ -56,6 +60,13 @@ MSG_WALL = "A wall blocks the way."
 MSG_BLOCKED = "The box cannot move that way."
 MSG_SOLVED = "You pushed the box onto the target. Puzzle solved!"
 
+# textarena 0.7.4's plain reasons (its SokobanEnv wording): the authors' extractor read them. textarena refuses a
+# push into a wall with the same words as a walk into one.
+REASON_GOAL = "Congratulations! You have solved the Sokoban puzzle!"
+REASON_WALL = "You cannot move into a wall!"
+REASON_FORMAT = ("The submitted move does not follow the correct format. "
+                 "Use [up], [down], [left], [right] or [w], [a], [s], [d].")
+
 Cell = tuple[int, int]
 
 
@@ -76,6 +87,9 @@ class Transition(NamedTuple):
     reward: float
     terminated: bool
     message: str
+    blocked: bool = False  # the move was refused (wall, unpushable box): textarena counts it as an invalid move
+    end_reason: str | None = None  # "goal" when this move solves the puzzle
+    reason: str | None = None  # textarena's plain reason for a refused move or the end
 
 
 def is_solved(state: SokobanState) -> bool:
@@ -92,15 +106,15 @@ def transition(state: SokobanState, action: int) -> Transition:
     dr, dc = MOVES[word]
     nxt = (state.player[0] + dr, state.player[1] + dc)
     if state.is_wall(nxt):
-        return Transition(state, 0.0, False, MSG_WALL)
+        return Transition(state, 0.0, False, MSG_WALL, blocked=True, reason=REASON_WALL)
     if nxt != state.box:
         return Transition(state._replace(player=nxt), 0.0, False, f"You moved {word}.")
     behind = (nxt[0] + dr, nxt[1] + dc)
     if state.is_wall(behind):
-        return Transition(state, 0.0, False, MSG_BLOCKED)
+        return Transition(state, 0.0, False, MSG_BLOCKED, blocked=True, reason=REASON_WALL)
     new = state._replace(player=nxt, box=behind)
     if is_solved(new):
-        return Transition(new, 1.0, True, MSG_SOLVED)
+        return Transition(new, 1.0, True, MSG_SOLVED, end_reason="goal", reason=REASON_GOAL)
     return Transition(new, 0.0, False, f"You pushed the box {word}.")
 
 

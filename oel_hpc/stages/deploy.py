@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tqdm.auto import trange
 
-from oel_hpc.games.seeds import train_seed
+from oel_hpc.games.seeds import deploy_seeds
 from oel_hpc.pipeline import model_path
-from oel_hpc.rollout import derive_seed, play_games
+from oel_hpc.rollout import derive_seed, game_rules, play_games
 from oel_hpc.rundir import mark_done, write_jsonl_atomic
 from oel_hpc.stages.common import StageContext
 
@@ -22,9 +22,10 @@ def run(ctx: StageContext, r: int, task=None) -> None:
         outputs.append(out)
         if out.is_file():  # written atomically by an earlier, interrupted attempt: complete as it is
             continue
-        seeds = [train_seed("deploy", r, step, i) for i in range(cfg.deploy.games_per_step)]
+        seeds = deploy_seeds(r, step, cfg.deploy.games_per_step, scheme=cfg.env.seeds)
         games = play_games(engine, builder, cfg.env.name, seeds, max_turns=cfg.env.max_turns,
-                           sampling=cfg.deploy.sampling, sampling_seed=derive_seed("deploy", cfg.pipeline.seed, r, step),
+                           **game_rules(cfg.env), sampling=cfg.deploy.sampling,
+                           sampling_seed=derive_seed("deploy", cfg.pipeline.seed, r, step),
                            desc=f"r{r} deploy step {step}")
         write_jsonl_atomic(out, (
             {"game_seed": g.game_seed, "turn": t.turn, "messages": t.messages, "prompt_token_ids": t.prompt_token_ids,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from oel_hpc.games.seeds import heldout_seeds
 from oel_hpc.pipeline import model_path
-from oel_hpc.rollout import derive_seed, play_games
+from oel_hpc.rollout import derive_seed, game_rules, play_games
 from oel_hpc.rundir import mark_done, write_json_atomic
 from oel_hpc.stages.common import StageContext
 
@@ -23,8 +23,9 @@ def run(ctx: StageContext, r: int, step: int) -> None:
     cfg, paths = ctx.cfg, ctx.paths
     model = checkpoint_model(ctx, r, step)
     engine = ctx.engine(model)
-    games = play_games(engine, ctx.prompt_builder(engine), cfg.env.name, heldout_seeds(cfg.evaluate.games),
-                       max_turns=cfg.env.max_turns, sampling=cfg.evaluate.sampling,
+    seeds = heldout_seeds(cfg.evaluate.games, cfg.env.seeds)
+    games = play_games(engine, ctx.prompt_builder(engine), cfg.env.name, seeds,
+                       max_turns=cfg.env.max_turns, sampling=cfg.evaluate.sampling, **game_rules(cfg.env),
                        sampling_seed=derive_seed("evaluate", cfg.pipeline.seed), desc=f"r{r} eval step {step}")
     turns = [t for g in games for t in g.turns]
     result = {

@@ -7,8 +7,8 @@ from __future__ import annotations
 from tqdm.auto import trange
 
 from oel_hpc import experience as exp
-from oel_hpc.games.seeds import heldout_seeds, train_seed
-from oel_hpc.rollout import derive_seed, play_games
+from oel_hpc.games.seeds import extract_seed, heldout_seeds
+from oel_hpc.rollout import derive_seed, game_rules, play_games
 from oel_hpc.rundir import mark_done, write_jsonl_atomic, write_text_atomic
 from oel_hpc.stages.common import StageContext
 
@@ -23,8 +23,9 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
 
     def score(step: int) -> None:
         text = exp.render(items, marker) or None
-        results = play_games(engine, builder, cfg.env.name, heldout_seeds(cfg.extract.eval_games),
-                             max_turns=cfg.env.max_turns, sampling=sampling, experience=text,
+        seeds = heldout_seeds(cfg.extract.eval_games, cfg.env.seeds)
+        results = play_games(engine, builder, cfg.env.name, seeds, max_turns=cfg.env.max_turns,
+                             sampling=sampling, experience=text, **game_rules(cfg.env),
                              sampling_seed=derive_seed("scores", cfg.pipeline.seed, r, seed, step),
                              desc=f"r{r} extract seed {seed} scores")
         scores.append({"step": step, "pass_rate": sum(g.success for g in results) / len(results),
@@ -33,8 +34,9 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
     for step in trange(1, cfg.extract.steps + 1, desc=f"r{r} extract seed {seed}", unit="step"):
         if cfg.extract.eval_games:
             score(step - 1)
-        game_seed = train_seed("extract", r, seed, step)
+        game_seed = extract_seed(r, seed, step, scheme=cfg.env.seeds, shared=cfg.extract.shared_games)
         [game] = play_games(engine, builder, cfg.env.name, [game_seed], max_turns=cfg.env.max_turns,
+                            **game_rules(cfg.env),
                             sampling=sampling, sampling_seed=derive_seed("extract", cfg.pipeline.seed, r, seed, step),
                             desc="game")
         previous = exp.render(items, marker) if cfg.extract.show_previous and items else None
