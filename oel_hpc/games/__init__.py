@@ -37,15 +37,17 @@ def register_games() -> None:
 register_games()
 
 
-def make_game(name: str, seed: int, max_calls: int = 5) -> TextGame:
+def make_game(name: str, seed: int, max_calls: int = 5, text: dict | None = None) -> TextGame:
     """A :class:`TextGame` for ``name`` (a key of :data:`GAMES`), already reset with ``seed``
-    (so ``game_log`` shows the first board). ``reset(seed=seed)`` replays the same board."""
+    (so ``game_log`` shows the first board). ``reset(seed=seed)`` replays the same board.
+    ``text`` is a whole wording table (``prompts.game_text``: ``log`` and one section per game, see
+    games/text.py); None keeps the defaults."""
     key = name.lower() if isinstance(name, str) else name
     if key not in GAMES:
         raise ValueError(f"unknown game {name!r}; allowed names: {', '.join(sorted(GAMES))}")
     # The env checker runs in the tests (check_env); skip its per-instance wrapper in rollouts.
-    env = gymnasium.make(GAMES[key], disable_env_checker=True)
-    game = TextGame(env, max_calls=max_calls)
+    env = gymnasium.make(GAMES[key], disable_env_checker=True, text=None if text is None else text[key])
+    game = TextGame(env, max_calls=max_calls, text=None if text is None else text["log"])
     game.reset(seed=seed)
     return game
 

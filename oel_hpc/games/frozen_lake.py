@@ -36,10 +36,15 @@ BOARD_CHARS = SIZE * (2 * SIZE - 1) + SIZE - 1
 
 MOVES: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
-MSG_RESET = "New game."
+MSG_RESET = "New game."  # info only: the model never sees it
+MSG_MOVED = "You moved {direction}."
 MSG_EDGE = "You hit the edge and stayed in place."
 MSG_HOLE = "You fell into a hole. Game over."
 MSG_GOAL = "You reached the goal!"
+#: The default wording of each move's message and the board symbols; `prompts.game_text.frozenlake` replaces them
+#: (see games/text.py for the rules a replacement must pass). Every message may use {direction}.
+TEXT = {"moved": MSG_MOVED, "edge": MSG_EDGE, "hole": MSG_HOLE, "goal": MSG_GOAL}
+SYMBOLS = {"player": "P", "hole": "H", "goal": "G", "frozen": "_"}
 
 
 class FrozenLakeState(NamedTuple):
@@ -69,35 +74,35 @@ def is_lost(state: FrozenLakeState) -> bool:
     return state.player in state.holes
 
 
-def transition(state: FrozenLakeState, action: int) -> Transition:
-    """Apply one action id (index into ``ACTIONS``) to a non-terminal state."""
+def transition(state: FrozenLakeState, action: int, text: dict[str, str] = TEXT) -> Transition:
+    """Apply one action id (index into ``ACTIONS``) to a non-terminal state; messages worded by ``text``."""
     word = ACTIONS[action]
     dr, dc = MOVES[word]
     r, c = state.player[0] + dr, state.player[1] + dc
     if not (0 <= r < state.size and 0 <= c < state.size):
-        return Transition(state, 0.0, False, MSG_EDGE)
+        return Transition(state, 0.0, False, text["edge"].format(direction=word))
     new = state._replace(player=(r, c))
     if is_lost(new):
-        return Transition(new, 0.0, True, MSG_HOLE)
+        return Transition(new, 0.0, True, text["hole"].format(direction=word))
     if is_solved(new):
-        return Transition(new, 1.0, True, MSG_GOAL)
-    return Transition(new, 0.0, False, f"You moved {word}.")
+        return Transition(new, 1.0, True, text["goal"].format(direction=word))
+    return Transition(new, 0.0, False, text["moved"].format(direction=word))
 
 
-def render(state: FrozenLakeState) -> str:
+def render(state: FrozenLakeState, symbols: dict[str, str] = SYMBOLS) -> str:
     rows = []
     for r in range(state.size):
         row = []
         for c in range(state.size):
             cell = (r, c)
             if cell == state.player:
-                row.append("P")
+                row.append(symbols["player"])
             elif cell in state.holes:
-                row.append("H")
+                row.append(symbols["hole"])
             elif cell == state.goal:
-                row.append("G")
+                row.append(symbols["goal"])
             else:
-                row.append("_")
+                row.append(symbols["frozen"])
         rows.append(" ".join(row))
     return "\n".join(rows)
 

@@ -28,6 +28,9 @@ when a prompt exceeds its token budget. Block 0 is the initial board; each call 
 A block whose call ended the game says ``Final board:`` instead of ``Turn k:`` (after the
 message, plus ``Out of moves. Game over.`` when the call budget ran out).
 Blocks are joined with :data:`LOG_SEPARATOR` (use :func:`join_blocks` for a trimmed list).
+
+That wording is the default (:data:`LOG_TEXT`); ``TextGame(env, text=...)`` takes another table with the same
+keys (``prompts.game_text.log`` in the config; rules in ``games/text.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ from .parsing import ACTIONS, parse_action
 LOG_SEPARATOR = "\n\n"
 MSG_INVALID = "Invalid action."
 MSG_OUT_OF_CALLS = "Out of moves. Game over."
+#: The game log's default wording; a prompt set replaces it (prompts.game_text.log).
+LOG_TEXT = {
+    "turn_heading": "Turn {turn}:",
+    "final_heading": "Final board:",
+    "action": "Action: [{action}]",
+    "invalid": MSG_INVALID,
+    "out_of_moves": MSG_OUT_OF_CALLS,
+}
 #: nominal bound on a response; the protocol never rejects a longer one.
 MAX_RESPONSE_CHARS = 1_000_000
 _LOG_CHARSET = frozenset(string.printable) | frozenset("√")
@@ -59,20 +70,28 @@ class TextGame(gymnasium.Wrapper):
     ``reset(seed=None, options=None) -> (game_log, info)``;
     ``step(response) -> (game_log, reward, terminated, truncated, info)`` with ``info`` holding
     ``action`` (canonical word or None), ``valid``, ``message``, ``state``, ``calls`` and
-    ``success``. Stepping a finished game raises ``RuntimeError``.
+    ``success``. Stepping a finished game raises ``RuntimeError``. ``text`` words the log (default
+    :data:`LOG_TEXT`).
     """
 
-    def __init__(self, env: gymnasium.Env, max_calls: int = 5):
+    def __init__(self, env: gymnasium.Env, max_calls: int = 5, text: dict[str, str] | None = None):
         super().__init__(env)
         if not isinstance(max_calls, int) or max_calls < 1:
             raise ValueError(f"max_calls must be a positive int, got {max_calls!r}")
+        from .text import check_section  # text.py reads LOG_TEXT from this module
+
+        self._text = dict(LOG_TEXT if text is None else text)
+        check_section("log", self._text)
         self.max_calls = max_calls
         self._action_space = spaces.Text(
             max_length=MAX_RESPONSE_CHARS, min_length=0, charset=_LOG_CHARSET
         )
         board_max = getattr(env.observation_space, "max_length", 256)
+        env_messages = getattr(env.unwrapped, "messages", {})
+        wording = list(self._text.values()) + list(env_messages.values())
+        charset = _LOG_CHARSET | frozenset("".join(wording)) | frozenset(getattr(env.observation_space, "character_set", ""))
         self._observation_space = spaces.Text(
-            max_length=(max_calls + 1) * (board_max + 200), charset=_LOG_CHARSET
+            max_length=(max_calls + 1) * (board_max + 200 + sum(map(len, wording))), charset=charset
         )
         self._blocks: list[str] = []
         self._actions: list[str | None] = []
@@ -86,7 +105,7 @@ class TextGame(gymnasium.Wrapper):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         board, info = self.env.reset(seed=seed, options=options)
         self._board, self._state = board, info.get("state")
-        self._blocks = [f"Turn 1:\n{board}"]
+        self._blocks = [f"{self._text['turn_heading'].format(turn=1)}\n{board}"]
         self._actions = []
         self._terminated = self._truncated = self._success = False
         info = dict(info, action=None, valid=True, calls=0, success=False)
@@ -103,19 +122,22 @@ class TextGame(gymnasium.Wrapper):
         self._actions.append(word)
         env_truncated = False
         if word is None:
-            lines = [MSG_INVALID]
-            message, reward, terminated = MSG_INVALID, 0.0, False
+            lines = [self._text["invalid"]]
+            message, reward, terminated = self._text["invalid"], 0.0, False
             extra: dict[str, Any] = {}
         else:
             board, reward, terminated, env_truncated, extra = self.env.step(ACTIONS.index(word))
             self._board, self._state = board, extra.get("state")
             message = extra.get("message", "")
-            lines = [f"Action: [{word}]", message]
+            lines = [self._text["action"].format(action=word), message]
         success = bool(terminated) and float(reward) > 0
         truncated = not terminated and (env_truncated or self.calls >= self.max_calls)
         if truncated:
-            lines.append(MSG_OUT_OF_CALLS)
-        heading = "Final board:" if terminated or truncated else f"Turn {self.calls + 1}:"
+            lines.append(self._text["out_of_moves"])
+        if terminated or truncated:
+            heading = self._text["final_heading"]
+        else:
+            heading = self._text["turn_heading"].format(turn=self.calls + 1)
         lines += [heading, self._board]
         self._blocks.append("\n".join(lines))
         self._terminated, self._truncated, self._success = bool(terminated), truncated, success
