@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 from tqdm.auto import tqdm
 
 from oel_hpc.games import make_game
-from oel_hpc.prompts import PromptBuilder
+from oel_hpc.games.text import end_reason
+from oel_hpc.prompts import Ending, PromptBuilder
 
 
 def derive_seed(*parts) -> int:
@@ -34,15 +35,21 @@ class GameResult:
     success: bool = False
     turns: list[Turn] = field(default_factory=list)
     final_log: str = ""
+    end_reason: str = ""  # a code of games.text.END_REASONS
+    final_block: str = ""  # the log's last block: the last move, its message, the final board
 
     @property
     def mean_response_tokens(self) -> float:
         return sum(len(t.response_token_ids) for t in self.turns) / max(len(self.turns), 1)
 
+    @property
+    def ending(self) -> Ending:
+        return Ending(self.success, self.end_reason, self.final_block)
+
 
 def play_games(engine, builder: PromptBuilder, env_name: str, game_seeds: Sequence[int], *, max_turns: int,
                sampling, sampling_seed: int, experience: Optional[str] = None, desc: str = "games") -> list[GameResult]:
-    games = [make_game(env_name, s, max_calls=max_turns) for s in game_seeds]
+    games = [make_game(env_name, s, max_calls=max_turns, text=builder.game_text) for s in game_seeds]
     for game, s in zip(games, game_seeds):
         game.reset(seed=s)
     results = [GameResult(s) for s in game_seeds]
@@ -61,5 +68,6 @@ def play_games(engine, builder: PromptBuilder, env_name: str, game_seeds: Sequen
                                              info.get("action"), bool(info.get("valid"))))
                 if games[i].done:
                     results[i].success, results[i].final_log = bool(games[i].success), games[i].game_log
+                    results[i].end_reason, results[i].final_block = end_reason(games[i], info), games[i].log_blocks[-1]
                     bar.update(1)
     return results

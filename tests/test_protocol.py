@@ -127,3 +127,78 @@ def test_step_before_reset_and_bad_types():
         game.step(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         TextGame(FrozenLake3x3Env(), max_calls=0)
+
+
+# -- the wording table (prompts.game_text) ------------------------------------------------------------------------
+
+
+def test_log_wording_comes_from_the_text_table():
+    text = {"turn_heading": "[{turn}]", "final_heading": "[end]", "action": "> {action}",
+            "invalid": "??", "out_of_moves": "(no calls left)"}
+    game = TextGame(FrozenLake3x3Env(), max_calls=2, text=text)
+    game.reset(seed=0)
+    board0 = game.board
+    game.step("[a]")
+    game.step("nothing")
+    assert game.log_blocks == [
+        f"[1]\n{board0}",
+        f"> left\nYou hit the edge and stayed in place.\n[2]\n{board0}",
+        f"??\n(no calls left)\n[end]\n{board0}",
+    ]
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"turn_heading": "Turn {n}:"}, "log.turn_heading"),
+    ({"action": 3}, "log.action"),
+    ({"extra": "x"}, "log.extra"),
+])
+def test_bad_log_table_is_refused_naming_the_key(change, key):
+    from oel_hpc.games.protocol import LOG_TEXT
+    from oel_hpc.games.text import TextTableError
+
+    with pytest.raises(TextTableError) as e:
+        TextGame(FrozenLake3x3Env(), text={**LOG_TEXT, **change})
+    assert e.value.key == key
+
+
+def test_bad_game_table_is_refused_naming_the_key():
+    from oel_hpc.games import frozen_lake
+    from oel_hpc.games.text import TextTableError
+
+    table = {"symbols": {**frozen_lake.SYMBOLS, "goal": "P"}, **frozen_lake.TEXT}
+    with pytest.raises(TextTableError, match="'P' is also the symbol of player") as e:
+        FrozenLake3x3Env(text=table)
+    assert e.value.key == "frozenlake.symbols.goal"
+
+
+def test_default_yaml_holds_the_code_defaults():
+    """conf/prompts/default.yaml's game_text is the wording the games use without one (no drift between them)."""
+    from omegaconf import OmegaConf
+
+    from oel_hpc.config import CONF_DIR
+    from oel_hpc.games.text import default_game_text
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "prompts" / "default.yaml").game_text)
+    assert yaml == default_game_text()
+
+
+def test_end_reason_of_a_finished_game():
+    from oel_hpc.games.text import end_reason
+
+    seed, move = _hole_seed_and_move()
+    game = make_game("frozenlake", seed=seed)
+    *_, info = game.step(f"[{move}]")
+    assert end_reason(game, info) == "hole"
+
+    game = make_game("frozenlake", seed=0, max_calls=1)
+    *_, info = game.step("no move")
+    assert end_reason(game, info) == "out_of_moves"
+
+    game = make_game("sokoban", seed=0, max_calls=50)
+    for word in shortest_solution("sokoban", game.state):
+        *_, info = game.step(f"[{word}]")
+    assert game.success and end_reason(game, info) == "success"
+    assert end_reason(game, {"end_reason": "invalid_moves"}) == "invalid_moves"  # the env's own word wins
+
+    with pytest.raises(ValueError, match="not over"):
+        end_reason(make_game("sokoban", seed=0), {})
