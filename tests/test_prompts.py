@@ -145,7 +145,7 @@ def test_extractor_prompt_shows_how_the_game_ended():
     [msg] = builder().extractor([("Turn 1:\nP _ H\n_ _ _\nH _ G", "I go [down]")], HOLE_ENDING, "- Old lesson.")
     assert msg["content"] == (
         "You played a grid game as P. This is what you saw and answered, turn by turn:\n"
-        "Turn 1:\nP _ H\n_ _ _\nH _ G\nYou answered: I go [down]\n"
+        "Turn 1:\nP _ H\n_ _ _\nH _ G\nYou answered: I go [down]\n\n"
         "Then the game ended:\n"
         "Action: [down]\nYou fell into a hole. Game over.\nFinal board:\n_ _ _\nP _ H\nH _ G\n"
         "Why it ended: you stepped into a hole.\n"
@@ -160,7 +160,7 @@ def test_extractor_free_text_prompt_has_no_marker_and_its_own_request():
     [msg] = builder().extractor([("Turn 1:\nboard", "[right]")], ending, mode="free_text")
     assert msg["content"] == (
         "You played a grid game as P. This is what you saw and answered, turn by turn:\n"
-        "Turn 1:\nboard\nYou answered: [right]\n"
+        "Turn 1:\nboard\nYou answered: [right]\n\n"
         "Then the game ended:\n"
         "Action: [right]\nYou reached the goal!\nFinal board:\n_ _ _\n_ _ _\nH _ P\n"
         "Why it ended: you won.\n"
@@ -176,7 +176,7 @@ def test_extractor_end_reasons_and_outcomes_come_from_the_prompt_set():
                                             "extractor_ending": "[{reason}]\n{final_block}\n"})
     ending = Ending(False, "out_of_moves", "Invalid action.\nOut of moves. Game over.\nFinal board:\nB")
     content = builder(templates=templates).extractor([("Turn 5:\nB", "?")], ending)[0]["content"]
-    assert "You answered: ?\n[time ran out]\nInvalid action.\nOut of moves. Game over.\nFinal board:\nB\n" \
+    assert "You answered: ?\n\n[time ran out]\nInvalid action.\nOut of moves. Game over.\nFinal board:\nB\n" \
            "Outcome: LOST\n" in content
 
 
@@ -308,7 +308,7 @@ def test_prompt_set_from_a_folder_outside_the_repository(my_conf, fixed_boards):
     assert game.log_blocks == ["Round 1:\nP _ H\n_ _ _\nH _ G", "Action: [down]\nYou moved down.\nRound 2:\n"
                                "_ _ H\nP _ _\nH _ G"]
     ending = Ending(False, "hole", "the last block")
-    assert "You answered: [down]\nIt ended (you stepped into a hole):\nthe last block\nOutcome: Failure\n" in \
+    assert "You answered: [down]\n\nIt ended (you stepped into a hole):\nthe last block\nOutcome: Failure\n" in \
         b.extractor([("Round 1:\nP _ H", "[down]")], ending)[0]["content"]
 
 
