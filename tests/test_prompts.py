@@ -332,3 +332,19 @@ def test_cli_bad_prompt_set_one_line_exit_2(my_conf, tmp_path):
     assert not (tmp_path / "runs").exists()
     out = oel("prompts=mine", "--cfg", "job", cwd=tmp_path)  # not on the search path: unknown
     assert out.returncode == 2 and "unknown prompts 'mine' (available: default)" in out.stderr
+
+
+# -- the recipes --------------------------------------------------------------------------------------------------
+
+
+def test_recipes_give_the_extractor_the_authors_budget_and_experience_mode():
+    """The authors' extraction scripts: 2048 new tokens and free-text experience ("v3") for Qwen3-1.7B, 8192 and
+    marker items ("v4") for the others; the extractor samples at T 0.7, top-p 0.8, top-k 20. Game turns keep 1024."""
+    expected = {"frozenlake_qwen3_1_7b": (2048, "free_text"), "frozenlake_qwen3_4b": (8192, "items"),
+                "frozenlake_qwen3_8b": (8192, "items"), "sokoban_qwen3_4b_instruct": (8192, "items"),
+                "tiny": (48, "items")}
+    for recipe, (tokens, mode) in expected.items():
+        cfg = compose([f"experiment={recipe}"])
+        s = cfg.extract.extractor_sampling
+        assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, cfg.experience.mode) == (tokens, 0.7, 0.8, 20, mode)
+        assert cfg.extract.sampling.max_new_tokens == (48 if recipe == "tiny" else 1024)
