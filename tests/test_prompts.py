@@ -348,3 +348,15 @@ def test_recipes_give_the_extractor_the_authors_budget_and_experience_mode():
         s = cfg.extract.extractor_sampling
         assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, cfg.experience.mode) == (tokens, 0.7, 0.8, 20, mode)
         assert cfg.extract.sampling.max_new_tokens == (48 if recipe == "tiny" else 1024)
+
+
+@pytest.mark.parametrize("override", ["extract.extractor_sampling.max_new_tokens=40", "experience.mode=free_text",
+                                      "prompts.end_reasons.hole=you sank", "prompts.game_text.log.invalid=Huh?",
+                                      "prompts.game_text.sokoban.symbols.box=B", "model.thinking=true"])
+def test_every_new_key_is_in_the_extract_hash(override):
+    from oel_hpc.pipeline import build_dag
+
+    def extract_hash(cfg):
+        return next(n.hash for n in build_dag(cfg) if n.id == "r1/extract")
+
+    assert extract_hash(compose([override])) != extract_hash(compose())
