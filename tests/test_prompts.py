@@ -16,7 +16,8 @@ from tests.conftest import ROOT, compose
 TEMPLATES = OmegaConf.load(CONF_DIR / "prompts" / "default.yaml")
 ACTIONS = ("[up]", "[down]", "[left]", "[right]")
 BLOCKS = ["Turn 1:\nP _ _\n_ _ H\nH _ G", "Action: [right]\nYou moved right.\nTurn 2:\n_ P _\n_ _ H\nH _ G"]
-HOLE_ENDING = Ending(False, "hole", "Action: [down]\nYou fell into a hole. Game over.\nFinal board:\n_ _ _\nP _ H\nH _ G")
+HOLE_ENDING = Ending(False, "hole",
+                     "Action: [down]\nYou fell into a hole. Game over.\nFinal board:\n_ _ _\nP _ H\nH _ G")
 
 
 def words(messages):  # a stand-in tokenizer: one token per whitespace-separated word

@@ -5,8 +5,9 @@ holes lie among the other seven cells, resampled until a hole-free path exists. 
 hole ends the game with reward 0; reaching the goal ends it with reward 1. Moving off the grid
 leaves the player in place but still counts as a move (the text protocol counts model calls).
 
-Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
-told to the model: inferring them is what experience is for):
+Board text, one row per line, cells separated by single spaces. Default symbols (``SYMBOLS``;
+``prompts.game_text`` can replace them), deliberately *not* told to the model: inferring them is
+what experience is for:
 
     P  player            _  frozen (safe) cell
     H  hole              G  goal

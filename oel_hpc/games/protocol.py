@@ -89,7 +89,8 @@ class TextGame(gymnasium.Wrapper):
         board_max = getattr(env.observation_space, "max_length", 256)
         env_messages = getattr(env.unwrapped, "messages", {})
         wording = list(self._text.values()) + list(env_messages.values())
-        charset = _LOG_CHARSET | frozenset("".join(wording)) | frozenset(getattr(env.observation_space, "character_set", ""))
+        board_chars = frozenset(getattr(env.observation_space, "character_set", ""))
+        charset = _LOG_CHARSET | frozenset("".join(wording)) | board_chars
         self._observation_space = spaces.Text(
             max_length=(max_calls + 1) * (board_max + 200 + sum(map(len, wording))), charset=charset
         )

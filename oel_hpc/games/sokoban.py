@@ -12,8 +12,8 @@ into a legal forward step, so every room is solvable by construction. ``WALK_STE
 solvable within 5 moves, like the paper generator's ≈88 % (see ``tests/test_games.py``);
 a room is never generated already solved.
 
-Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
-told to the model):
+Board text, one row per line, cells separated by single spaces. Default symbols (``SYMBOLS``;
+``prompts.game_text`` can replace them), deliberately *not* told to the model:
 
     #  wall        _  floor        P  player       X  box
     O  target      √  box on target                S  player standing on the target

@@ -49,4 +49,3 @@ class StageContext:
 
     def prompt_builder(self, engine) -> PromptBuilder:
         return PromptBuilder(self.cfg.prompts, engine.count_chat_tokens, *prompt_budgets(self.cfg))
-
