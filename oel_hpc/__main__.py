@@ -25,13 +25,39 @@ from oel_hpc.config import CONF_DIR, GROUPS, ConfigError, validate
 _GROUP_OVERRIDE = re.compile(r"^[+~]{0,2}(?P<group>\w+)=(?P<value>.*)$")
 
 
+def config_dirs(argv: list[str]) -> Optional[list[Path]]:
+    """The folders Hydra looks for config groups in: ours, plus --config-dir and hydra.searchpath=[...] ones
+    (how a user brings a prompt set, env, ... kept outside this repository); None when one of them is not a
+    folder we can list (a pkg:// search path), so only Hydra can tell what exists."""
+    dirs, i = [CONF_DIR], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]).expanduser())
+            i += 1
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]).expanduser())
+        elif re.match(r"^[+~]{0,2}hydra\.searchpath=", arg):
+            for entry in arg.split("=", 1)[1].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("pkg://"):
+                    return None
+                if entry:
+                    dirs.append(Path(entry.removeprefix("file://")).expanduser())
+        i += 1
+    return dirs
+
+
 def check_group_choices(argv: list[str]) -> None:
     """An unknown env/model/experiment/... gets a one-line error before Hydra's multi-line one."""
+    dirs = config_dirs(argv)
+    if dirs is None:
+        return
     for arg in argv:
         m = _GROUP_OVERRIDE.match(arg)
         if not m or m["group"] not in GROUPS:
             continue
-        available = sorted(p.stem for p in (CONF_DIR / m["group"]).glob("*.yaml"))
+        available = sorted({p.stem for d in dirs for p in (d / m["group"]).glob("*.yaml")})
         for value in m["value"].split(","):  # multirun sweeps list several
             if value and value != "null" and value not in available:
                 raise ConfigError(m["group"], f"unknown {m['group']} '{value}' (available: {', '.join(available)})")

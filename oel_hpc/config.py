@@ -75,20 +75,30 @@ class EnvConfig:
 
 @dataclass
 class PromptsConfig:
+    """Every text the model sees. A prompt set is a YAML in conf/prompts/ (or in a folder added with
+    hydra.searchpath / --config-dir); conf/prompts/default.yaml is the reference with every key."""
     name: str = MISSING
     system: Optional[str] = None
     game_turn: str = MISSING  # {actions} {experience_block} {game_log}
     experience_block: str = MISSING  # {experience}
-    extractor: str = MISSING  # {history} {outcome} {previous_block} {marker}
+    extractor: str = MISSING  # {history} {ending} {outcome} {previous_block} {marker}
+    # the extractor for experience.mode=free_text: {history} {ending} {outcome} {previous_block}
+    extractor_free_text: Optional[str] = None
     extractor_previous_block: str = MISSING  # {experience}
     extractor_turn: str = MISSING  # {turn} {observation} {response}
+    extractor_ending: str = MISSING  # {final_block} {reason}: how the game ended, shown to the extractor
+    outcomes: dict[str, str] = MISSING  # success, failure: the extractor template's {outcome}
+    end_reasons: dict[str, str] = MISSING  # {reason} per code of oel_hpc.games.protocol.END_REASONS
+    # the game log's and the games' wording: log headings, move messages, board symbols (oel_hpc/games/text.py)
+    game_text: dict[str, Any] = MISSING
     omitted_turns: str = MISSING  # stands in for game-log blocks dropped to fit the budget
     tokens_per_turn: int = 512  # turn budget = experience cap + tokens_per_turn × env.max_turns
 
 
 @dataclass
 class ExperienceConfig:
-    marker: str = "- "
+    mode: str = "items"  # items: the extractor's marker lines | free_text: its whole answer is one item
+    marker: str = "- "  # items mode
     max_tokens: int = 2048  # cap on the accumulated text; the newest complete items are kept
 
 
@@ -101,7 +111,10 @@ class ExtractConfig:
     eval_games: int = 0  # held-out games played with the current experience each step (scores curve); 0 = off
     # every extraction seed plays the same game sequence, only the sampling differs (the authors' 10 runs)
     shared_games: bool = False
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20))  # game turns
+    # the extractor's answer (a thinking model reasons first): the authors' 8192 new tokens, T 0.7, top-p 0.8, top-k 20
+    extractor_sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20, max_new_tokens=8192))
 
 
 @dataclass
@@ -331,6 +344,8 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("evaluate.steps", f"must be first_last or all, got '{cfg.evaluate.steps}'")
     if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError("wandb.mode", f"must be auto, online, offline or disabled, got '{cfg.wandb.mode}'")
+    if cfg.experience.mode not in ("items", "free_text"):
+        raise ConfigError("experience.mode", f"must be items or free_text, got '{cfg.experience.mode}'")
     if not cfg.experience.marker.strip():
         raise ConfigError("experience.marker", "must contain a visible character")
     _positive(
@@ -359,12 +374,12 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("extract.use_step", f"{cfg.extract.use_step} is after the last step ({cfg.extract.steps})")
     if cfg.deploy.steps < cfg.consolidate.steps:
         raise ConfigError("deploy.steps", f"{cfg.deploy.steps} deploy files for {cfg.consolidate.steps} steps")
-    for key in ("extract.sampling", "deploy.sampling", "consolidate.sampling", "evaluate.sampling"):
+    for key in ("extract.sampling", "extract.extractor_sampling", "deploy.sampling", "consolidate.sampling",
+                "evaluate.sampling"):
         _check_sampling(cfg, key)
-    for name in ("game_turn", "experience_block", "extractor", "extractor_previous_block", "extractor_turn"):
-        from oel_hpc.prompts import check_template
+    from oel_hpc.prompts import check_prompts
 
-        check_template(name, getattr(cfg.prompts, name))
+    check_prompts(cfg.prompts, free_text=cfg.experience.mode == "free_text")
 
     if cfg.gather.source is not None:
         from oel_hpc.experience import read_source
@@ -373,9 +388,14 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     if check_files:
         model_dir = resolve_model_dir(cfg.model.path)
         if model_dir is not None:
-            vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+            model_config = json.loads((model_dir / "config.json").read_text())
+            vocab = model_config.get("vocab_size")
             if vocab is not None and cfg.consolidate.topk > vocab:
                 raise ConfigError("consolidate.topk", f"k={cfg.consolidate.topk} is larger than the vocabulary ({vocab})")
+            if model_config.get("max_position_embeddings"):
+                from oel_hpc.prompts import check_context
+
+                check_context(cfg, model_config["max_position_embeddings"])
 
 
 def validate_env(cfg: DictConfig) -> None:

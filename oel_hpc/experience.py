@@ -1,8 +1,13 @@
-"""Experience items: parsed from the extractor's answer by their marker, appended, capped at a token budget.
+"""Experience: read from the extractor's answer, appended, capped at a token budget; the experience list.
 
-The accumulated experience is a list of items; its text is one item per line, each line starting with the marker.
-Capping keeps the newest *complete* items: an item is never cut in half, so the text always parses back to the
-same items.
+Two modes (experience.mode). `items`: the items are the answer's lines that start with the marker; the text is one
+item per line, each starting with the marker. `free_text`: the whole answer is one item; the text is the answers
+a blank line apart. Capping keeps the newest *complete* items: an item is never cut in half, so the text always
+holds whole items.
+
+An answer cut off before it was complete is not an answer: a thinking model's response without `</think>` (it
+ran out of tokens while reasoning) yields nothing, nor does a free-text answer that hit the token limit; in items
+mode a cut-off answer keeps its complete lines only. Such responses are reported as truncated.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 THINK_END = "</think>"
+MODES = ("items", "free_text")
+FREE_TEXT_SEPARATOR = "\n\n"
 
 
 class EmptyExperience(RuntimeError):
@@ -41,16 +48,62 @@ def render(items: Sequence[str], marker: str) -> str:
     return "\n".join(marker + item for item in items)
 
 
-def append_capped(items: Sequence[str], new: Sequence[str], marker: str, max_tokens: int,
-                  count_tokens: Callable[[str], int]) -> list[str]:
-    """items + new, keeping the newest complete items whose text fits in max_tokens (oldest dropped first)."""
-    merged = list(items) + list(new)
+def keep_newest(items: Sequence[str], max_tokens: int, count_tokens: Callable[[str], int],
+                render_items: Callable[[Sequence[str]], str]) -> list[str]:
+    """The newest complete items whose rendered text fits in max_tokens (oldest dropped first)."""
     kept: list[str] = []
-    for item in reversed(merged):
-        if count_tokens(render([item] + kept, marker)) > max_tokens:
+    for item in reversed(items):
+        if count_tokens(render_items([item] + kept)) > max_tokens:
             break
         kept.insert(0, item)
     return kept
+
+
+def append_capped(items: Sequence[str], new: Sequence[str], marker: str, max_tokens: int,
+                  count_tokens: Callable[[str], int]) -> list[str]:
+    """items + new in items mode, keeping the newest complete items whose text fits in max_tokens."""
+    return keep_newest(list(items) + list(new), max_tokens, count_tokens, lambda xs: render(xs, marker))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What one extractor response gave: its new items, and whether it was cut off (see the module docstring)."""
+
+    items: list[str]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class ExperienceFormat:
+    """How experience is read from an answer and written as text, per experience.mode."""
+
+    mode: str = "items"
+    marker: str = "- "
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"experience mode must be one of {MODES}, got {self.mode!r}")
+
+    def render(self, items: Sequence[str]) -> str:
+        return render(items, self.marker) if self.mode == "items" else FREE_TEXT_SEPARATOR.join(items)
+
+    def read(self, response: str, *, finished: bool, thinking: bool) -> Reading:
+        """The new items of one extractor response. `finished`: it ended with EOS, not at max_new_tokens;
+        `thinking`: the model reasons in <think>...</think> first (model.thinking)."""
+        if thinking and THINK_END not in response:
+            return Reading([], truncated=True)  # still reasoning when it stopped: there is no answer
+        answer = answer_part(response)
+        if self.mode == "free_text":
+            if not finished:
+                return Reading([], truncated=True)
+            return Reading([answer.strip()] if answer.strip() else [], truncated=False)
+        if not finished and not answer.endswith("\n"):
+            answer = answer.rpartition("\n")[0]  # the last line stopped mid-way
+        return Reading(parse_items(answer, self.marker), truncated=not finished)
+
+    def append_capped(self, items: Sequence[str], new: Sequence[str], max_tokens: int,
+                      count_tokens: Callable[[str], int]) -> list[str]:
+        return keep_newest(list(items) + list(new), max_tokens, count_tokens, self.render)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from tqdm.auto import tqdm
 
 from oel_hpc.games import make_game
-from oel_hpc.prompts import PromptBuilder
+from oel_hpc.prompts import Ending, PromptBuilder
 
 
 def derive_seed(*parts) -> int:
@@ -34,12 +34,16 @@ class GameResult:
     success: bool = False
     turns: list[Turn] = field(default_factory=list)
     final_log: str = ""
-    end_reason: Optional[str] = None  # goal | hole | invalid_moves | turn_limit (TextGame.end_reason)
-    end_reason_text: Optional[str] = None  # textarena's plain wording of it
+    end_reason: str = ""  # goal | hole | invalid_moves | turn_limit (games.END_REASONS, TextGame.end_reason)
+    final_block: str = ""  # the log's last block: the last move, its message, the final board
 
     @property
     def mean_response_tokens(self) -> float:
         return sum(len(t.response_token_ids) for t in self.turns) / max(len(self.turns), 1)
+
+    @property
+    def ending(self) -> Ending:
+        return Ending(self.success, self.end_reason, self.final_block)
 
 
 def game_rules(env_cfg) -> dict:
@@ -50,8 +54,8 @@ def game_rules(env_cfg) -> dict:
 def play_games(engine, builder: PromptBuilder, env_name: str, game_seeds: Sequence[int], *, max_turns: int,
                sampling, sampling_seed: int, experience: Optional[str] = None, desc: str = "games",
                generator: str = "oel", invalid_move_limit: Optional[int] = None) -> list[GameResult]:
-    games = [make_game(env_name, s, max_calls=max_turns, generator=generator, invalid_move_limit=invalid_move_limit)
-             for s in game_seeds]
+    games = [make_game(env_name, s, max_calls=max_turns, generator=generator, invalid_move_limit=invalid_move_limit,
+                       text=builder.game_text) for s in game_seeds]
     for game, s in zip(games, game_seeds):
         game.reset(seed=s)
     results = [GameResult(s) for s in game_seeds]
@@ -70,6 +74,6 @@ def play_games(engine, builder: PromptBuilder, env_name: str, game_seeds: Sequen
                                              info.get("action"), bool(info.get("valid"))))
                 if games[i].done:
                     results[i].success, results[i].final_log = bool(games[i].success), games[i].game_log
-                    results[i].end_reason, results[i].end_reason_text = info["end_reason"], info["end_reason_text"]
+                    results[i].end_reason, results[i].final_block = games[i].end_reason, games[i].log_blocks[-1]
                     bar.update(1)
     return results

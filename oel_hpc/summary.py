@@ -32,4 +32,12 @@ def summary(cfg, paths: RunPaths) -> str:
     row("consolidation KL, last step", [f"{m[-1]['kl']:.4f}" if m else "-" for m in metrics])
     lists = [_load(paths.experience_list(r)) for r in rounds]
     row("experience tokens per seed", [",".join(str(e["tokens"]) for e in lst) if lst else "-" for lst in lists])
+    row("extractor answers cut off", [_cut_off(paths, r, cfg.extract.seeds) for r in rounds])
     return "\n".join(lines)
+
+
+def _cut_off(paths: RunPaths, r: int, seeds: int) -> str:
+    """How many extractor answers of round r hit extract.extractor_sampling.max_new_tokens, of how many."""
+    files = [paths.seed_dir(r, s) / "games.jsonl" for s in range(seeds)]
+    rows = [row for f in files if f.is_file() for row in read_jsonl(f)]
+    return f"{sum(bool(row.get('extractor_truncated')) for row in rows)} of {len(rows)}" if rows else "-"

@@ -43,6 +43,67 @@ def test_append_capped_never_cuts_an_item():
     assert kept == []  # too long to fit whole: dropped, not truncated
 
 
+ITEMS = exp.ExperienceFormat("items", "- ")
+FREE = exp.ExperienceFormat("free_text")
+
+
+@pytest.mark.parametrize("fmt", [ITEMS, FREE])
+def test_thinking_that_never_closed_is_not_an_answer(fmt):
+    """A thinking model that ran out of tokens while reasoning: its drafts are not experience."""
+    reading = fmt.read("<think>\nMaybe:\n- H is a hole\nand then", finished=False, thinking=True)
+    assert reading == exp.Reading([], truncated=True)
+    reading = fmt.read("- H is a hole", finished=True, thinking=True)  # stopped, but never closed its reasoning
+    assert reading == exp.Reading([], truncated=True)
+
+
+def test_items_after_closed_thinking():
+    reading = ITEMS.read("<think>\n- draft\n</think>\n- Holes end the game.\n- Go right.", finished=True,
+                         thinking=True)
+    assert reading == exp.Reading(["Holes end the game.", "Go right."], truncated=False)
+
+
+def test_items_cut_off_keep_their_complete_lines_only():
+    reading = ITEMS.read("- Holes end the game.\n- Go ri", finished=False, thinking=False)
+    assert reading == exp.Reading(["Holes end the game."], truncated=True)
+    reading = ITEMS.read("- Holes end the game.\n", finished=False, thinking=False)  # cut right after a line
+    assert reading == exp.Reading(["Holes end the game."], truncated=True)
+    assert ITEMS.read("- Holes end", finished=False, thinking=False) == exp.Reading([], truncated=True)
+
+
+def test_free_text_is_the_whole_answer():
+    answer = "<think>\nlet me see\n</think>\n\nThe H cells end the game.\n\n- Go right, then down.\n"
+    assert FREE.read(answer, finished=True, thinking=True) == exp.Reading(
+        ["The H cells end the game.\n\n- Go right, then down."], truncated=False)
+    assert FREE.read("  Walk around holes.  ", finished=True, thinking=False) == exp.Reading(
+        ["Walk around holes."], truncated=False)
+    assert FREE.read("\n \n", finished=True, thinking=False) == exp.Reading([], truncated=False)
+
+
+def test_free_text_cut_off_gives_nothing():
+    assert FREE.read("<think>ok</think>The H cells end the ga", finished=False, thinking=True) == exp.Reading(
+        [], truncated=True)
+    assert FREE.read("The H cells end the ga", finished=False, thinking=False) == exp.Reading([], truncated=True)
+
+
+def test_free_text_renders_answers_a_blank_line_apart_and_caps_whole_answers():
+    answers = ["a" * 10, "b\n" + "b" * 8, "c" * 10]  # 10 characters each
+    assert FREE.render(answers) == "aaaaaaaaaa\n\nb\nbbbbbbbb\n\ncccccccccc"
+    # the two newest with their blank line: 10 + 2 + 10 = 22 characters
+    assert FREE.append_capped(answers[:2], answers[2:], 22, chars) == answers[1:]
+    assert FREE.append_capped(answers[:2], answers[2:], 21, chars) == answers[2:]
+    assert FREE.append_capped([], ["x" * 50], 10, chars) == []  # too long to keep whole: not cut
+
+
+def test_items_format_renders_and_caps_as_the_item_functions():
+    assert ITEMS.render(["one", "two"]) == "- one\n- two"
+    assert ITEMS.append_capped(["a" * 10, "b" * 10], ["c" * 10], 25, chars) == ["b" * 10, "c" * 10]
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="free_text"):
+        exp.ExperienceFormat("lines")
+
+
 def _write_list(tmp_path, texts):
     rows = []
     for i, t in enumerate(texts):

@@ -131,19 +131,16 @@ def test_step_before_reset_and_bad_types():
 
 # -- textarena's invalid-move rule (invalid_move_limit) and the end reasons ------------------------------------------
 
-FORMAT_REASON = "Invalid action format. Use [up], [down], [left], [right] or [w], [a], [s], [d]."
-
 
 def test_two_invalid_moves_in_a_row_end_the_game():
     game = make_game("frozenlake", seed=0, invalid_move_limit=2)
     board0 = game.board
     _, _, terminated, truncated, info = game.step("no idea")
     assert not terminated and not truncated and info["invalid_move"] and info["end_reason"] is None
-    assert info["invalid_reason"] == FORMAT_REASON
+    assert info["invalid_reason"] == "no_action"
     _, reward, terminated, truncated, info = game.step("still no idea")
     assert terminated and not truncated and reward == 0.0 and not game.success and game.calls == 2
     assert info["end_reason"] == game.end_reason == "invalid_moves"
-    assert info["end_reason_text"] == game.end_reason_text == f"Invalid Move: {FORMAT_REASON}"
     assert game.log_blocks[-1] == f"Invalid action.\nToo many invalid moves in a row. Game over.\nFinal board:\n{board0}"
     with pytest.raises(RuntimeError):
         game.step("[down]")
@@ -152,15 +149,14 @@ def test_two_invalid_moves_in_a_row_end_the_game():
 def test_a_refused_move_is_invalid_and_a_valid_one_resets_the_count():
     game = make_game("frozenlake", seed=0, invalid_move_limit=2)
     _, _, _, _, info = game.step("[up]")  # off the grid from the top-left start
-    assert info["valid"] and info["invalid_move"] and info["invalid_reason"] == "You tried to move up but hit a wall!"
+    assert info["valid"] and info["invalid_move"] and info["invalid_reason"] == "refused"
     path = shortest_solution("frozenlake", game.state)
     _, _, terminated, _, info = game.step(f"[{path[0]}]")
     assert not terminated and not info["invalid_move"] and info["invalid_reason"] is None
     _, _, terminated, _, _ = game.step("nothing")
     assert not terminated  # one invalid move after a valid one
     _, _, terminated, _, info = game.step("[left]" if path[0] == "down" else "[up]")  # the edge again
-    assert terminated and info["end_reason"] == "invalid_moves"
-    assert info["end_reason_text"] == f"Invalid Move: {info['invalid_reason']}"
+    assert terminated and info["end_reason"] == "invalid_moves" and info["invalid_reason"] == "refused"
 
 
 def test_sokoban_push_into_a_wall_counts_as_invalid():
@@ -172,9 +168,10 @@ def test_sokoban_push_into_a_wall_counts_as_invalid():
     game.reset(seed=0)
     env._state = game._state = SokobanState(grid=grid, target=(4, 4), box=(1, 2), player=(2, 2))
     _, _, terminated, _, info = game.step("[up]")  # the box is against the top wall
-    assert not terminated and info["invalid_reason"] == "You cannot move into a wall!"
+    assert not terminated and info["invalid_reason"] == "refused"
+    assert info["message"] == "The box cannot move that way."
     _, _, terminated, _, info = game.step("[w]")
-    assert terminated and info["end_reason_text"] == "Invalid Move: You cannot move into a wall!"
+    assert terminated and info["end_reason"] == "invalid_moves" and info["invalid_reason"] == "refused"
 
 
 def test_the_second_invalid_move_on_the_last_call_ends_by_the_rule():
@@ -189,21 +186,39 @@ def test_without_the_rule_invalid_moves_run_out_the_budget():
     for _ in range(3):
         _, _, terminated, truncated, info = game.step("?")
     assert truncated and not terminated
-    assert info["end_reason"] == "turn_limit"
-    assert info["end_reason_text"] == "Environment terminated because the round limit is reached"
+    assert info["end_reason"] == game.end_reason == "turn_limit"
+    assert game.log_blocks[-1] == f"Invalid action.\nOut of moves. Game over.\nFinal board:\n{game.board}"
 
 
 def test_end_reasons_for_goal_and_hole():
     seed, move = _hole_seed_and_move()
     game = make_game("frozenlake", seed=seed)
     _, _, _, _, info = game.step(f"[{move}]")
-    assert info["end_reason"] == game.end_reason == "hole"
-    assert info["end_reason_text"].startswith("You fell into a hole! Game over. You completed 25% of the journey")
+    assert info["end_reason"] == game.end_reason == "hole" and not game.success
     game.reset(seed=2)
-    assert game.end_reason is None and game.end_reason_text is None
+    assert game.end_reason is None
     for word in shortest_solution("frozenlake", game.state):
         _, _, _, _, info = game.step(f"[{word}]")
-    assert info["end_reason"] == "goal" and info["end_reason_text"] == "Congratulations! You reached the goal!"
+    assert info["end_reason"] == game.end_reason == "goal" and game.success
+    game = make_game("sokoban", seed=0, max_calls=50)
+    for word in shortest_solution("sokoban", game.state):
+        _, _, _, _, info = game.step(f"[{word}]")
+    assert info["end_reason"] == game.end_reason == "goal" and game.success
+
+
+def test_a_game_that_ends_without_a_reason_is_an_error():
+    """An env ending a game must say why (goal or hole): the extractor is told, so no reason is guessed."""
+
+    class Silent(FrozenLake3x3Env):
+        def step(self, action):
+            board, reward, terminated, truncated, info = super().step(action)
+            return board, reward, terminated, truncated, dict(info, end_reason=None)
+
+    seed, move = _hole_seed_and_move()
+    game = TextGame(Silent(), max_calls=5)
+    game.reset(seed=seed)
+    with pytest.raises(RuntimeError, match="end_reason"):
+        game.step(f"[{move}]")
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])
@@ -284,3 +299,76 @@ def test_a_run_with_the_authors_games(tmp_path):
         if row["turn"] == 1:
             assert render(textarena_boards.frozen_lake(row["game_seed"])) in row["log_blocks"][0]
     assert json.loads((run / "eval/step_1.json").read_text())["games"] == 2
+
+
+# -- the wording table (prompts.game_text) ------------------------------------------------------------------------
+
+
+def test_log_wording_comes_from_the_text_table():
+    text = {"turn_heading": "[{turn}]", "final_heading": "[end]", "action": "> {action}",
+            "invalid": "??", "out_of_moves": "(no calls left)", "invalid_limit": "(too many misses)"}
+    game = TextGame(FrozenLake3x3Env(), max_calls=2, text=text)
+    game.reset(seed=0)
+    board0 = game.board
+    game.step("[a]")
+    game.step("nothing")
+    assert game.log_blocks == [
+        f"[1]\n{board0}",
+        f"> left\nYou hit the edge and stayed in place.\n[2]\n{board0}",
+        f"??\n(no calls left)\n[end]\n{board0}",
+    ]
+    # the invalid-move rule's line is the table's too
+    game = TextGame(FrozenLake3x3Env(), max_calls=5, invalid_move_limit=2, text=text)
+    game.reset(seed=0)
+    game.step("[a]")
+    _, _, terminated, _, info = game.step("nothing")
+    assert terminated and info["end_reason"] == "invalid_moves"
+    assert game.log_blocks[-1] == f"??\n(too many misses)\n[end]\n{board0}"
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"turn_heading": "Turn {n}:"}, "log.turn_heading"),
+    ({"action": 3}, "log.action"),
+    ({"extra": "x"}, "log.extra"),
+    ({"invalid_limit": "{reason}"}, "log.invalid_limit"),
+])
+def test_bad_log_table_is_refused_naming_the_key(change, key):
+    from oel_hpc.games.protocol import LOG_TEXT
+    from oel_hpc.games.text import TextTableError
+
+    with pytest.raises(TextTableError) as e:
+        TextGame(FrozenLake3x3Env(), text={**LOG_TEXT, **change})
+    assert e.value.key == key
+
+
+def test_a_log_table_without_the_invalid_limit_line_is_refused():
+    """A prompt set written before the invalid-move rule existed must add its line, not fall back silently."""
+    from oel_hpc.games.protocol import LOG_TEXT
+    from oel_hpc.games.text import TextTableError
+
+    table = {k: v for k, v in LOG_TEXT.items() if k != "invalid_limit"}
+    with pytest.raises(TextTableError, match="missing") as e:
+        TextGame(FrozenLake3x3Env(), text=table)
+    assert e.value.key == "log.invalid_limit"
+
+
+def test_bad_game_table_is_refused_naming_the_key():
+    from oel_hpc.games import frozen_lake
+    from oel_hpc.games.text import TextTableError
+
+    table = {"symbols": {**frozen_lake.SYMBOLS, "goal": "P"}, **frozen_lake.TEXT}
+    with pytest.raises(TextTableError, match="'P' is also the symbol of player") as e:
+        FrozenLake3x3Env(text=table)
+    assert e.value.key == "frozenlake.symbols.goal"
+
+
+def test_default_yaml_holds_the_code_defaults():
+    """conf/prompts/default.yaml's game_text is the wording the games use without one (no drift between them)."""
+    from omegaconf import OmegaConf
+
+    from oel_hpc.config import CONF_DIR
+    from oel_hpc.games.text import default_game_text
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "prompts" / "default.yaml").game_text)
+    assert yaml == default_game_text()
+

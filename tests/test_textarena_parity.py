@@ -112,17 +112,28 @@ def _our_position(state, game: str):
     return state.player if game == "frozenlake" else (state.player, state.box)
 
 
-def _last_admin_message(env) -> str:
-    admin = [m for _, m, kind in env.state.observations[0] if kind == ta.ObservationType.GAME_ADMIN]
-    return admin[-1] if admin else ""
+# textarena's wording of why a move was invalid or a game ended, per code our games report. Only for comparing:
+# our games report codes, and what a model reads is our own wording (prompts.game_text, prompts.end_reasons).
+TA_INVALID = {
+    "frozenlake": {"no_action": "Invalid action format.", "refused": "You tried to move {word} but hit a wall!"},
+    "sokoban": {"no_action": "The submitted move does not follow the correct format.",
+                "refused": "You cannot move into a wall!"},
+}
+TA_END = {"goal": "Congratulations!", "hole": "You fell into a hole!", "invalid_moves": "Invalid Move: "}
+TA_INVALID_NOTE = "You attempted an invalid move. Reason: "
+
+
+def _invalid_notes(env) -> list[str]:
+    return [m for _, m, kind in env.state.observations[0]
+            if kind == ta.ObservationType.GAME_ADMIN and m.startswith(TA_INVALID_NOTE)]
 
 
 @pytest.mark.parametrize("game", ["frozenlake", "sokoban"])
 def test_rules_match_textarena(game):
     """Random 5-call games (a fifth of the calls without an action), played in both: the same positions after
-    every call, the same invalid moves and reasons, the same ends (goal, hole, two invalid moves in a row) with
-    the same wording; textarena keeps going where our call budget ends the game (the authors' rollout stops
-    calling it there)."""
+    every call, the same invalid moves for the same reasons, the same ends (goal, hole, two invalid moves in a
+    row); textarena keeps going where our call budget ends the game (the authors' rollout stops calling it
+    there)."""
     make_ta = _ta_frozen_lake if game == "frozenlake" else _ta_sokoban
     env_cls = FrozenLake3x3Env if game == "frozenlake" else Sokoban6x6Env
     rng = random.Random(0)
@@ -135,16 +146,20 @@ def test_rules_match_textarena(game):
         for call in range(5):
             word = rng.choice(["up", "down", "left", "right", None]) if rng.random() < 0.8 else None
             # the authors' rollout sends "[word]" or "[no valid action]" (their _format_action)
+            notes = len(_invalid_notes(env))
             done, _ = env.step(action=f"[{word}]" if word else "[no valid action]")
             _, reward, terminated, truncated, info = ours.step(f"[{word}]" if word else "no action here")
             assert _our_position(ours.state, game) == _ta_position(env, game), (seed, call)
             assert terminated == done, (seed, call)
-            if info["invalid_move"] and not done:
-                assert _last_admin_message(env).startswith(
-                    f"You attempted an invalid move. Reason: {info['invalid_reason']} "), (seed, call)
+            why = TA_INVALID[game][info["invalid_reason"]].format(word=word) if info["invalid_move"] else None
+            if not done:  # textarena notes each invalid move that does not end the game, with its reason
+                new_notes = _invalid_notes(env)[notes:]
+                assert len(new_notes) == (why is not None), (seed, call)
+                assert why is None or new_notes[0].startswith(TA_INVALID_NOTE + why), (seed, call, new_notes)
             if done:
                 reason = env.state.game_info[0]["reason"]
-                assert info["end_reason_text"] == reason, (seed, call)
+                expected = TA_END[info["end_reason"]] + (why if info["end_reason"] == "invalid_moves" else "")
+                assert reason.startswith(expected), (seed, call, reason)
                 assert (reward == 1.0) == (env.state.rewards[0] == 1.0) == ours.success
                 ends[info["end_reason"]] += 1
                 break

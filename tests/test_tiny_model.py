@@ -25,7 +25,7 @@ import oel_hpc  # noqa: E402
 from oel_hpc.experience import append_capped, parse_items, render  # noqa: E402
 from oel_hpc.games import heldout_seeds, make_game  # noqa: E402
 from oel_hpc.engines.hf import HFEngine  # noqa: E402
-from oel_hpc.prompts import PromptBuilder  # noqa: E402
+from oel_hpc.prompts import Ending, PromptBuilder  # noqa: E402
 from oel_hpc.rollout import play_games  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +34,10 @@ BUILDER = ROOT / "tools" / "build_tiny_model.py"
 TEMPLATES = OmegaConf.load(ROOT / "conf" / "prompts" / "default.yaml")
 MARKER = "- "
 # The embedded default's budgets (conf/experiment/tiny.yaml): experience cap 256, 96 tokens per turn, 5 turns,
-# 32 new tokens per game turn in evaluate/deploy, 48 in extract.
+# 32 new tokens per game turn in evaluate/deploy, 48 in extract (game turns and the extractor's answer).
 EXPERIENCE_CAP = 256
 TURN_BUDGET = EXPERIENCE_CAP + 96 * 5
-EXTRACTOR_BUDGET = TURN_BUDGET + 48 * 5
+EXTRACTOR_BUDGET = TURN_BUDGET + 96 + 48 * 5  # + the ending's final block
 N_GAMES = 64
 
 
@@ -149,7 +149,9 @@ def test_prompts_fit_the_tiny_budgets(tiny, engine, pool_experience):
     assert TEMPLATES.omitted_turns not in messages[-1]["content"]
     assert len(chat_ids(tokenizer, messages)) <= TURN_BUDGET
     turns = [(block, "I move [right].") for block in game.log_blocks[:5]]
-    messages = prompts(engine).extractor(turns, "Failure", MARKER, experience)
+    game.step("[down]")
+    ending = Ending(game.success, game.end_reason, game.log_blocks[-1])
+    messages = prompts(engine).extractor(turns, ending, experience, marker=MARKER)
     assert TEMPLATES.omitted_turns not in messages[-1]["content"]
 
 
@@ -176,9 +178,8 @@ def test_experience_in_the_prompt_helps(played):
 def test_extractor_writes_lessons(engine, played):
     builder = prompts(engine)
     previous = render(["Never move onto an H cell.", "Reaching G wins the game."], MARKER)
-    batch = [engine.chat_ids(builder.extractor([(t.log_blocks[-1], t.response) for t in game.turns],
-                                               "Success" if game.success else "Failure", MARKER,
-                                               previous if i % 2 else None))
+    batch = [engine.chat_ids(builder.extractor([(t.log_blocks[-1], t.response) for t in game.turns], game.ending,
+                                               previous if i % 2 else None, marker=MARKER))
              for i, game in enumerate(played["plain"][:12])]
     answers = engine.generate(batch, sampling(48), seed=7)
     parsed = [parse_items(a.text, MARKER) for a in answers]

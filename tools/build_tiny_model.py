@@ -49,7 +49,7 @@ MARKER = "- "
 #: max_new_tokens. Every rendered prompt must fit them, so PromptBuilder never drops a block.
 EXPERIENCE_TOKENS = 256
 TURN_BUDGET = EXPERIENCE_TOKENS + 96 * 5
-EXTRACTOR_BUDGET = TURN_BUDGET + 48 * 5
+EXTRACTOR_BUDGET = TURN_BUDGET + 96 + 48 * 5  # + the ending's final block
 MAX_NEW_TOKENS_TURN = 32
 MAX_NEW_TOKENS_EXTRACT = 48
 
@@ -225,8 +225,9 @@ def extractor_example(rng: random.Random, builder) -> tuple[str, list[dict], str
     """An extractor prompt for a finished synthetic game, as oel_hpc/stages/extract.py renders it."""
     from oel_hpc.experience import render
     from oel_hpc.games import make_game
+    from oel_hpc.prompts import Ending
 
-    game = make_game("frozenlake", game_seed(rng), max_calls=5)
+    game = make_game("frozenlake", game_seed(rng), max_calls=5, text=builder.game_text)
     p_opt, p_inv = (P_OPTIMAL_PLAIN, P_INVALID_PLAIN) if rng.random() < 0.7 else (P_OPTIMAL_EXPERIENCE, 0.0)
     turns = []
     while not game.done:
@@ -235,8 +236,8 @@ def extractor_example(rng: random.Random, builder) -> tuple[str, list[dict], str
         game.step(response)
         turns.append((observation, response))
     previous = sample_experience(rng, 1, 6) if rng.random() < 0.5 else []
-    messages = builder.extractor(turns, "Success" if game.success else "Failure", MARKER,
-                                 render(previous, MARKER) if previous else None)
+    ending = Ending(game.success, game.end_reason, game.log_blocks[-1])
+    messages = builder.extractor(turns, ending, render(previous, MARKER) if previous else None, marker=MARKER)
     return "extractor", messages, render(lessons_for(rng, game, previous), MARKER), None
 
 
@@ -483,9 +484,8 @@ def report(model, tokenizer, n_games: int) -> dict:
     played, plain = play(None)
     _, with_exp = play(render(EVAL_EXPERIENCE, MARKER))
     previous = render(EVAL_EXPERIENCE[:2], MARKER)
-    prompts = [engine.chat_ids(builder.extractor([(t.log_blocks[-1], t.response) for t in g.turns],
-                                                 "Success" if g.success else "Failure", MARKER,
-                                                 previous if i >= 16 else None))
+    prompts = [engine.chat_ids(builder.extractor([(t.log_blocks[-1], t.response) for t in g.turns], g.ending,
+                                                 previous if i >= 16 else None, marker=MARKER))
                for i, g in enumerate(played[:32])]
     answers = [c.text for c in engine.generate(prompts, OmegaConf.merge(
         sampling, {"max_new_tokens": MAX_NEW_TOKENS_EXTRACT}), seed=0)]

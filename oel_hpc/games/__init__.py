@@ -42,17 +42,21 @@ register_games()
 
 
 def make_game(name: str, seed: int, max_calls: int = 5, *, generator: str = "oel",
-              invalid_move_limit: int | None = None) -> TextGame:
+              invalid_move_limit: int | None = None, text: dict | None = None) -> TextGame:
     """A :class:`TextGame` for ``name`` (a key of :data:`GAMES`), already reset with ``seed``
     (so ``game_log`` shows the first board). ``reset(seed=seed)`` replays the same board.
     ``generator``: ``oel`` (this project's boards) or ``textarena`` (the authors' library's boards for the same
-    seed); ``invalid_move_limit``: consecutive invalid moves that end the game (textarena: 2; None = never)."""
+    seed); ``invalid_move_limit``: consecutive invalid moves that end the game (textarena: 2; None = never);
+    ``text``: a whole wording table (``prompts.game_text``: ``log`` and one section per game, see games/text.py),
+    None keeps the defaults."""
     key = name.lower() if isinstance(name, str) else name
     if key not in GAMES:
         raise ValueError(f"unknown game {name!r}; allowed names: {', '.join(sorted(GAMES))}")
     # The env checker runs in the tests (check_env); skip its per-instance wrapper in rollouts.
-    env = gymnasium.make(GAMES[key], disable_env_checker=True, generator=generator)
-    game = TextGame(env, max_calls=max_calls, invalid_move_limit=invalid_move_limit)
+    env = gymnasium.make(GAMES[key], disable_env_checker=True, generator=generator,
+                         text=None if text is None else text[key])
+    game = TextGame(env, max_calls=max_calls, invalid_move_limit=invalid_move_limit,
+                    text=None if text is None else text["log"])
     game.reset(seed=seed)
     return game
 

@@ -10,8 +10,9 @@ Boards: ``generate`` is this project's generator; ``textarena_boards.frozen_lake
 0.7.4's map for a seed (``env.generator=textarena``). Both draw the 2 holes uniformly among the
 solvable pairs; only which seed gives which map differs.
 
-Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
-told to the model: inferring them is what experience is for):
+Board text, one row per line, cells separated by single spaces. Default symbols (``SYMBOLS``;
+``prompts.game_text`` can replace them), deliberately *not* told to the model: inferring them is
+what experience is for:
 
     P  player            _  frozen (safe) cell
     H  hole              G  goal
@@ -41,17 +42,15 @@ BOARD_CHARS = SIZE * (2 * SIZE - 1) + SIZE - 1
 
 MOVES: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
-MSG_RESET = "New game."
+MSG_RESET = "New game."  # info only: the model never sees it
+MSG_MOVED = "You moved {direction}."
 MSG_EDGE = "You hit the edge and stayed in place."
 MSG_HOLE = "You fell into a hole. Game over."
 MSG_GOAL = "You reached the goal!"
-
-# textarena 0.7.4's plain reasons (its FrozenLakeEnv wording), for the end of a game and for a refused move: the
-# authors' extractor read them. REASON_EDGE takes {action}, REASON_HOLE {percent} (textarena's "completion").
-REASON_GOAL = "Congratulations! You reached the goal!"
-REASON_HOLE = "You fell into a hole! Game over. You completed {percent}% of the journey to the goal."
-REASON_EDGE = "You tried to move {action} but hit a wall!"
-REASON_FORMAT = "Invalid action format. Use [up], [down], [left], [right] or [w], [a], [s], [d]."
+#: The default wording of each move's message and the board symbols; `prompts.game_text.frozenlake` replaces them
+#: (see games/text.py for the rules a replacement must pass). Every message may use {direction}.
+TEXT = {"moved": MSG_MOVED, "edge": MSG_EDGE, "hole": MSG_HOLE, "goal": MSG_GOAL}
+SYMBOLS = {"player": "P", "hole": "H", "goal": "G", "frozen": "_"}
 
 
 class FrozenLakeState(NamedTuple):
@@ -73,7 +72,6 @@ class Transition(NamedTuple):
     message: str
     blocked: bool = False  # the move was refused (off the grid): textarena counts it as an invalid move
     end_reason: str | None = None  # "goal" | "hole" when this move ends the game
-    reason: str | None = None  # textarena's plain reason for a refused move or the end
 
 
 def is_solved(state: FrozenLakeState) -> bool:
@@ -84,48 +82,35 @@ def is_lost(state: FrozenLakeState) -> bool:
     return state.player in state.holes
 
 
-def transition(state: FrozenLakeState, action: int) -> Transition:
-    """Apply one action id (index into ``ACTIONS``) to a non-terminal state."""
+def transition(state: FrozenLakeState, action: int, text: dict[str, str] = TEXT) -> Transition:
+    """Apply one action id (index into ``ACTIONS``) to a non-terminal state; messages worded by ``text``."""
     word = ACTIONS[action]
     dr, dc = MOVES[word]
     r, c = state.player[0] + dr, state.player[1] + dc
     if not (0 <= r < state.size and 0 <= c < state.size):
-        return Transition(state, 0.0, False, MSG_EDGE, blocked=True, reason=REASON_EDGE.format(action=word))
+        return Transition(state, 0.0, False, text["edge"].format(direction=word), blocked=True)
     new = state._replace(player=(r, c))
     if is_lost(new):
-        return Transition(new, 0.0, True, MSG_HOLE, end_reason="hole",
-                          reason=REASON_HOLE.format(percent=completion_percent(new)))
+        return Transition(new, 0.0, True, text["hole"].format(direction=word), end_reason="hole")
     if is_solved(new):
-        return Transition(new, 1.0, True, MSG_GOAL, end_reason="goal", reason=REASON_GOAL)
-    return Transition(new, 0.0, False, f"You moved {word}.")
+        return Transition(new, 1.0, True, text["goal"].format(direction=word), end_reason="goal")
+    return Transition(new, 0.0, False, text["moved"].format(direction=word))
 
 
-def completion_percent(state: FrozenLakeState) -> int:
-    """textarena's "completion" of a game that ended at ``state.player``: the share of the start-to-goal distance
-    covered (grid distance ignoring holes, i.e. Manhattan distance), at most 95 %, at least 10 % once the player
-    has moved, rounded as textarena rounds it (Python's ``round``)."""
-    total = abs(state.goal[0] - START[0]) + abs(state.goal[1] - START[1])
-    travelled = abs(state.player[0] - START[0]) + abs(state.player[1] - START[1])
-    completion = min(travelled / total, 0.95) if total > 0 else 0.0
-    if state.player != START:
-        completion = max(completion, 0.1)
-    return round(completion * 100)
-
-
-def render(state: FrozenLakeState) -> str:
+def render(state: FrozenLakeState, symbols: dict[str, str] = SYMBOLS) -> str:
     rows = []
     for r in range(state.size):
         row = []
         for c in range(state.size):
             cell = (r, c)
             if cell == state.player:
-                row.append("P")
+                row.append(symbols["player"])
             elif cell in state.holes:
-                row.append("H")
+                row.append(symbols["hole"])
             elif cell == state.goal:
-                row.append("G")
+                row.append(symbols["goal"])
             else:
-                row.append("_")
+                row.append(symbols["frozen"])
         rows.append(" ".join(row))
     return "\n".join(rows)
 

@@ -19,25 +19,34 @@ GENERATORS = ("oel", "textarena")
 
 class GridGameEnv(gymnasium.Env):
     """``Discrete(4)`` actions (``ACTIONS`` order), board-text observations; ``info`` carries ``"message"`` (a short
-    factual game message), ``"state"`` (the hashable state the solver reads), ``"blocked"`` (the game refused the
-    move: edge, wall or an unpushable box; textarena calls that an invalid move), ``"end_reason"`` (``"goal"`` or
-    ``"hole"`` on the move that ends the game, else None) and ``"reason"`` (textarena's plain wording for a
-    refused move or the end, else None). The board is a pure function of the reset seed and the generator."""
+    factual game message in the table's words), ``"state"`` (the hashable state the solver reads), ``"blocked"``
+    (the game refused the move: edge, wall or an unpushable box; textarena calls that an invalid move) and
+    ``"end_reason"`` (``"goal"`` or ``"hole"`` on the move that ends the game, else None). The board is a pure
+    function of the reset seed and the generator. ``text`` words the messages and picks the board symbols: the
+    game's section of a wording table (``{"symbols": {...}, <message>: ...}``, see games/text.py); default the
+    game module's ``TEXT`` and ``SYMBOLS``."""
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     game_name: str
-    rules: ModuleType  # the game module: generate(rng), transition(state, action), render(state), ...
+    rules: ModuleType  # the game module: generate(rng), transition(state, action, text), render(state, symbols), ...
 
-    def __init__(self, render_mode: str | None = None, generator: str = "oel"):
+    def __init__(self, render_mode: str | None = None, generator: str = "oel", text: dict | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+        from .text import check_section  # text.py imports the game modules, which import this one
+
+        table = {"symbols": self.rules.SYMBOLS, **self.rules.TEXT} if text is None else text
+        check_section(self.game_name, table)
+        self.symbols = dict(table["symbols"])
+        self.messages = {k: v for k, v in table.items() if k != "symbols"}
         self.render_mode = render_mode
         self.generator = generator
         self.action_space = spaces.Discrete(len(ACTIONS))
         chars = self.rules.BOARD_CHARS
-        self.observation_space = spaces.Text(max_length=chars, min_length=chars, charset=self.rules.CHARSET)
+        charset = "".join(self.symbols.values()) + " \n"
+        self.observation_space = spaces.Text(max_length=chars, min_length=chars, charset=charset)
         self._state = None
         self._done = False
 
@@ -59,7 +68,7 @@ class GridGameEnv(gymnasium.Env):
         else:
             self._state = self.rules.generate(self.np_random)
         self._done = False
-        return self.rules.render(self._state), {"message": self.rules.MSG_RESET, "state": self._state}
+        return self.rules.render(self._state, self.symbols), {"message": self.rules.MSG_RESET, "state": self._state}
 
     def step(self, action):
         if self._state is None:
@@ -68,16 +77,11 @@ class GridGameEnv(gymnasium.Env):
             raise RuntimeError("the game is over; call reset()")
         if not self.action_space.contains(action):
             raise ValueError(f"invalid action {action!r}; expected an int in [0, {len(ACTIONS)})")
-        t = self.rules.transition(self._state, int(action))
+        t = self.rules.transition(self._state, int(action), self.messages)
         self._state, self._done = t.state, t.terminated
-        info = {"message": t.message, "state": t.state, "blocked": t.blocked, "end_reason": t.end_reason,
-                "reason": t.reason}
-        return self.rules.render(t.state), t.reward, t.terminated, False, info
+        board = self.rules.render(t.state, self.symbols)
+        info = {"message": t.message, "state": t.state, "blocked": t.blocked, "end_reason": t.end_reason}
+        return board, t.reward, t.terminated, False, info
 
     def render(self) -> str:
-        return self.rules.render(self.state)
-
-    @property
-    def format_reason(self) -> str:
-        """textarena's reason for a response with no action in it (the protocol judges those, not the env)."""
-        return self.rules.REASON_FORMAT
+        return self.rules.render(self.state, self.symbols)

@@ -29,15 +29,19 @@ A block whose call ended the game says ``Final board:`` instead of ``Turn k:`` (
 message, plus ``Out of moves. Game over.`` when the call budget ran out).
 Blocks are joined with :data:`LOG_SEPARATOR` (use :func:`join_blocks` for a trimmed list).
 
+That wording is the default (:data:`LOG_TEXT`); ``TextGame(env, text=...)`` takes another table with the same
+keys (``prompts.game_text.log`` in the config; rules in ``games/text.py``).
+
 textarena's rule, optional (``invalid_move_limit``, the authors' library: 2): that many *consecutive* invalid
 moves end the game, lost. An invalid move is a response without an action or a move the game refuses (edge,
-wall, unpushable box); a valid move resets the count. ``None`` (the default) never ends a game that way, and
-the log then reads exactly as without the rule. Every call still counts against ``max_calls``, as the authors'
-rollout counts them.
+wall, unpushable box); a valid move resets the count. The block of the call that ends a game so says
+``Too many invalid moves in a row. Game over.`` (``LOG_TEXT["invalid_limit"]``) before ``Final board:``.
+``None`` (the default) never ends a game that way, and the log then reads exactly as without the rule. Every
+call still counts against ``max_calls``, as the authors' rollout counts them.
 
-How a game ended is in the last step's ``info``: ``end_reason`` is a short code (``goal``, ``hole``,
-``invalid_moves``, ``turn_limit`` = the call budget ran out) and ``end_reason_text`` textarena's plain wording
-of it (what the authors' extractor was shown); both None while the game runs.
+How a game ended is in the last step's ``info["end_reason"]``, a code of :data:`END_REASONS` (``goal``,
+``hole``, ``invalid_moves``, ``turn_limit`` = the call budget ran out), None while the game runs; the code, not
+any wording, so whoever shows it to a model words it (``prompts.end_reasons``).
 """
 
 from __future__ import annotations
@@ -54,11 +58,20 @@ LOG_SEPARATOR = "\n\n"
 MSG_INVALID = "Invalid action."
 MSG_OUT_OF_CALLS = "Out of moves. Game over."
 MSG_INVALID_LIMIT = "Too many invalid moves in a row. Game over."
-# plain reasons for the ends the protocol decides (the games give their own for goal and hole); the first is
-# textarena's "Invalid Move: <reason of the last invalid move>", the second the authors' rollout's wording
-REASON_INVALID_LIMIT = "Invalid Move: {reason}"
-REASON_OUT_OF_CALLS = "Environment terminated because the round limit is reached"
-GENERIC_FORMAT_REASON = "The response contains no action."
+#: The game log's default wording; a prompt set replaces it (prompts.game_text.log).
+LOG_TEXT = {
+    "turn_heading": "Turn {turn}:",
+    "final_heading": "Final board:",
+    "action": "Action: [{action}]",
+    "invalid": MSG_INVALID,
+    "out_of_moves": MSG_OUT_OF_CALLS,
+    "invalid_limit": MSG_INVALID_LIMIT,
+}
+#: Why a finished game ended: the goal reached, a hole, too many invalid moves in a row (invalid_move_limit), the
+#: call budget used up. The games report the first two (their step info's ``end_reason``), the protocol the others.
+END_REASONS = ("goal", "hole", "invalid_moves", "turn_limit")
+#: Why a call was an invalid move: the response held no action, or the game refused the move (edge, wall, box).
+INVALID_REASONS = ("no_action", "refused")
 #: nominal bound on a response; the protocol never rejects a longer one.
 MAX_RESPONSE_CHARS = 1_000_000
 _LOG_CHARSET = frozenset(string.printable) | frozenset("√")
@@ -75,12 +88,14 @@ class TextGame(gymnasium.Wrapper):
     ``reset(seed=None, options=None) -> (game_log, info)``;
     ``step(response) -> (game_log, reward, terminated, truncated, info)`` with ``info`` holding
     ``action`` (canonical word or None), ``valid`` (an action was found), ``message``, ``state``, ``calls``,
-    ``success``, ``invalid_move`` (no action, or the game refused the move), ``invalid_reason`` (textarena's
-    wording of why, else None), ``end_reason`` and ``end_reason_text`` (see the module docstring).
-    Stepping a finished game raises ``RuntimeError``.
+    ``success``, ``invalid_move`` (no action, or the game refused the move), ``invalid_reason`` (a code of
+    :data:`INVALID_REASONS`, else None) and ``end_reason`` (a code of :data:`END_REASONS` once the game is over,
+    else None). Stepping a finished game raises ``RuntimeError``. ``text`` words the log (default
+    :data:`LOG_TEXT`).
     """
 
-    def __init__(self, env: gymnasium.Env, max_calls: int = 5, invalid_move_limit: int | None = None):
+    def __init__(self, env: gymnasium.Env, max_calls: int = 5, invalid_move_limit: int | None = None,
+                 text: dict[str, str] | None = None):
         super().__init__(env)
         if not isinstance(max_calls, int) or max_calls < 1:
             raise ValueError(f"max_calls must be a positive int, got {max_calls!r}")
@@ -88,14 +103,22 @@ class TextGame(gymnasium.Wrapper):
             isinstance(invalid_move_limit, bool) or not isinstance(invalid_move_limit, int) or invalid_move_limit < 1
         ):
             raise ValueError(f"invalid_move_limit must be a positive int or None, got {invalid_move_limit!r}")
+        from .text import check_section  # text.py reads LOG_TEXT from this module
+
+        self._text = dict(LOG_TEXT if text is None else text)
+        check_section("log", self._text)
         self.max_calls = max_calls
         self.invalid_move_limit = invalid_move_limit
         self._action_space = spaces.Text(
             max_length=MAX_RESPONSE_CHARS, min_length=0, charset=_LOG_CHARSET
         )
         board_max = getattr(env.observation_space, "max_length", 256)
+        env_messages = getattr(env.unwrapped, "messages", {})
+        wording = list(self._text.values()) + list(env_messages.values())
+        board_chars = frozenset(getattr(env.observation_space, "character_set", ""))
+        charset = _LOG_CHARSET | frozenset("".join(wording)) | board_chars
         self._observation_space = spaces.Text(
-            max_length=(max_calls + 1) * (board_max + 200), charset=_LOG_CHARSET
+            max_length=(max_calls + 1) * (board_max + 200 + sum(map(len, wording))), charset=charset
         )
         self._blocks: list[str] = []
         self._actions: list[str | None] = []
@@ -106,19 +129,18 @@ class TextGame(gymnasium.Wrapper):
         self._success = False
         self._invalid_streak = 0
         self._end_reason: str | None = None
-        self._end_reason_text: str | None = None
 
     # -- gymnasium API -------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         board, info = self.env.reset(seed=seed, options=options)
         self._board, self._state = board, info.get("state")
-        self._blocks = [f"Turn 1:\n{board}"]
+        self._blocks = [f"{self._text['turn_heading'].format(turn=1)}\n{board}"]
         self._actions = []
         self._terminated = self._truncated = self._success = False
         self._invalid_streak = 0
-        self._end_reason = self._end_reason_text = None
+        self._end_reason = None
         info = dict(info, action=None, valid=True, calls=0, success=False, invalid_move=False,
-                    invalid_reason=None, end_reason=None, end_reason_text=None)
+                    invalid_reason=None, end_reason=None)
         return self.game_log, info
 
     def step(self, response: str) -> tuple[str, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -132,35 +154,38 @@ class TextGame(gymnasium.Wrapper):
         self._actions.append(word)
         env_truncated = False
         if word is None:
-            lines = [MSG_INVALID]
-            message, reward, terminated = MSG_INVALID, 0.0, False
+            lines = [self._text["invalid"]]
+            message, reward, terminated = self._text["invalid"], 0.0, False
             extra: dict[str, Any] = {}
-            invalid_reason: str | None = getattr(self.env.unwrapped, "format_reason", GENERIC_FORMAT_REASON)
+            invalid_reason: str | None = "no_action"
         else:
             board, reward, terminated, env_truncated, extra = self.env.step(ACTIONS.index(word))
             self._board, self._state = board, extra.get("state")
             message = extra.get("message", "")
-            lines = [f"Action: [{word}]", message]
-            invalid_reason = extra.get("reason") if extra.get("blocked") else None
+            lines = [self._text["action"].format(action=word), message]
+            invalid_reason = "refused" if extra.get("blocked") else None
         self._invalid_streak = self._invalid_streak + 1 if invalid_reason is not None else 0
         terminated = bool(terminated)
         success = terminated and float(reward) > 0
         if terminated:
-            end_reason = extra.get("end_reason") or ("goal" if success else "lost")
-            end_text = extra.get("reason")
+            end_reason = extra.get("end_reason")
+            if end_reason not in ("goal", "hole"):
+                raise RuntimeError(f"the game ended without a known end_reason in its step info: {end_reason!r}")
         elif self.invalid_move_limit is not None and self._invalid_streak >= self.invalid_move_limit:
             # textarena ends the game on this call, even when it is also the last one the budget allows
             terminated, end_reason = True, "invalid_moves"
-            end_text = REASON_INVALID_LIMIT.format(reason=invalid_reason)
-            lines.append(MSG_INVALID_LIMIT)
+            lines.append(self._text["invalid_limit"])
         else:
-            end_reason = end_text = None
+            end_reason = None
         truncated = not terminated and (env_truncated or self.calls >= self.max_calls)
         if truncated:
-            lines.append(MSG_OUT_OF_CALLS)
-            end_reason, end_text = "turn_limit", REASON_OUT_OF_CALLS
-        self._end_reason, self._end_reason_text = end_reason, end_text
-        heading = "Final board:" if terminated or truncated else f"Turn {self.calls + 1}:"
+            lines.append(self._text["out_of_moves"])
+            end_reason = "turn_limit"
+        self._end_reason = end_reason
+        if terminated or truncated:
+            heading = self._text["final_heading"]
+        else:
+            heading = self._text["turn_heading"].format(turn=self.calls + 1)
         lines += [heading, self._board]
         self._blocks.append("\n".join(lines))
         self._terminated, self._truncated, self._success = terminated, truncated, success
@@ -175,7 +200,6 @@ class TextGame(gymnasium.Wrapper):
             invalid_move=invalid_reason is not None,
             invalid_reason=invalid_reason,
             end_reason=end_reason,
-            end_reason_text=end_text,
         )
         return self.game_log, 1.0 if success else 0.0, terminated, truncated, info
 
@@ -208,13 +232,8 @@ class TextGame(gymnasium.Wrapper):
 
     @property
     def end_reason(self) -> str | None:
-        """How the game ended (goal, hole, invalid_moves, turn_limit); None while it runs."""
+        """How the game ended, a code of :data:`END_REASONS`; None while it runs."""
         return self._end_reason
-
-    @property
-    def end_reason_text(self) -> str | None:
-        """textarena's plain wording of :attr:`end_reason`; None while the game runs."""
-        return self._end_reason_text
 
     @property
     def terminated(self) -> bool:

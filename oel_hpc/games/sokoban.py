@@ -16,8 +16,8 @@ deals textarena 0.7.4's rooms instead (``textarena_boards.sokoban``, the authors
 seeds). A push into a wall and a walk into one leave the state unchanged; textarena calls both
 invalid moves.
 
-Board text, one row per line, cells separated by single spaces. Symbols (deliberately *not*
-told to the model):
+Board text, one row per line, cells separated by single spaces. Default symbols (``SYMBOLS``;
+``prompts.game_text`` can replace them), deliberately *not* told to the model:
 
     #  wall        _  floor        P  player       X  box
     O  target      √  box on target                S  player standing on the target
@@ -55,17 +55,18 @@ MAX_INTERIOR_WALLS = 3
 
 MOVES: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
-MSG_RESET = "New game."
+MSG_RESET = "New game."  # info only: the model never sees it
+MSG_MOVED = "You moved {direction}."
+MSG_PUSHED = "You pushed the box {direction}."
 MSG_WALL = "A wall blocks the way."
 MSG_BLOCKED = "The box cannot move that way."
 MSG_SOLVED = "You pushed the box onto the target. Puzzle solved!"
-
-# textarena 0.7.4's plain reasons (its SokobanEnv wording): the authors' extractor read them. textarena refuses a
-# push into a wall with the same words as a walk into one.
-REASON_GOAL = "Congratulations! You have solved the Sokoban puzzle!"
-REASON_WALL = "You cannot move into a wall!"
-REASON_FORMAT = ("The submitted move does not follow the correct format. "
-                 "Use [up], [down], [left], [right] or [w], [a], [s], [d].")
+#: The default wording of each move's message and the board symbols; `prompts.game_text.sokoban` replaces them
+#: (see games/text.py for the rules a replacement must pass). Every message may use {direction}.
+TEXT = {"moved": MSG_MOVED, "pushed": MSG_PUSHED, "wall": MSG_WALL, "box_blocked": MSG_BLOCKED,
+        "solved": MSG_SOLVED}
+SYMBOLS = {"wall": "#", "floor": "_", "player": "P", "box": "X", "target": "O", "box_on_target": "√",
+           "player_on_target": "S"}
 
 Cell = tuple[int, int]
 
@@ -89,7 +90,6 @@ class Transition(NamedTuple):
     message: str
     blocked: bool = False  # the move was refused (wall, unpushable box): textarena counts it as an invalid move
     end_reason: str | None = None  # "goal" when this move solves the puzzle
-    reason: str | None = None  # textarena's plain reason for a refused move or the end
 
 
 def is_solved(state: SokobanState) -> bool:
@@ -100,40 +100,40 @@ def is_lost(state: SokobanState) -> bool:  # noqa: ARG001 - same interface as fr
     return False
 
 
-def transition(state: SokobanState, action: int) -> Transition:
-    """Apply one action id (index into ``ACTIONS``) with standard push rules."""
+def transition(state: SokobanState, action: int, text: dict[str, str] = TEXT) -> Transition:
+    """Apply one action id (index into ``ACTIONS``) with standard push rules; messages worded by ``text``."""
     word = ACTIONS[action]
     dr, dc = MOVES[word]
     nxt = (state.player[0] + dr, state.player[1] + dc)
     if state.is_wall(nxt):
-        return Transition(state, 0.0, False, MSG_WALL, blocked=True, reason=REASON_WALL)
+        return Transition(state, 0.0, False, text["wall"].format(direction=word), blocked=True)
     if nxt != state.box:
-        return Transition(state._replace(player=nxt), 0.0, False, f"You moved {word}.")
+        return Transition(state._replace(player=nxt), 0.0, False, text["moved"].format(direction=word))
     behind = (nxt[0] + dr, nxt[1] + dc)
     if state.is_wall(behind):
-        return Transition(state, 0.0, False, MSG_BLOCKED, blocked=True, reason=REASON_WALL)
+        return Transition(state, 0.0, False, text["box_blocked"].format(direction=word), blocked=True)
     new = state._replace(player=nxt, box=behind)
     if is_solved(new):
-        return Transition(new, 1.0, True, MSG_SOLVED, end_reason="goal", reason=REASON_GOAL)
-    return Transition(new, 0.0, False, f"You pushed the box {word}.")
+        return Transition(new, 1.0, True, text["solved"].format(direction=word), end_reason="goal")
+    return Transition(new, 0.0, False, text["pushed"].format(direction=word))
 
 
-def render(state: SokobanState) -> str:
+def render(state: SokobanState, symbols: dict[str, str] = SYMBOLS) -> str:
     rows = []
     for r, line in enumerate(state.grid):
         row = []
         for c, ch in enumerate(line):
             cell = (r, c)
             if ch == "#":
-                row.append("#")
+                row.append(symbols["wall"])
             elif cell == state.box:
-                row.append("√" if cell == state.target else "X")
+                row.append(symbols["box_on_target" if cell == state.target else "box"])
             elif cell == state.player:
-                row.append("S" if cell == state.target else "P")
+                row.append(symbols["player_on_target" if cell == state.target else "player"])
             elif cell == state.target:
-                row.append("O")
+                row.append(symbols["target"])
             else:
-                row.append("_")
+                row.append(symbols["floor"])
         rows.append(" ".join(row))
     return "\n".join(rows)
 

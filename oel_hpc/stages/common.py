@@ -7,7 +7,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from oel_hpc.pipeline import model_path
-from oel_hpc.prompts import PromptBuilder
+from oel_hpc.prompts import PromptBuilder, prompt_budgets
 from oel_hpc.rundir import RunPaths
 
 
@@ -48,7 +48,4 @@ class StageContext:
         self._engine = None
 
     def prompt_builder(self, engine) -> PromptBuilder:
-        cfg = self.cfg
-        turn_budget = cfg.experience.max_tokens + cfg.prompts.tokens_per_turn * cfg.env.max_turns
-        return PromptBuilder(cfg.prompts, engine.count_chat_tokens, turn_budget,
-                             turn_budget + cfg.extract.sampling.max_new_tokens * cfg.env.max_turns)
+        return PromptBuilder(self.cfg.prompts, engine.count_chat_tokens, *prompt_budgets(self.cfg))

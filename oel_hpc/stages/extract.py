@@ -1,8 +1,12 @@
 """Extract: one seed's policy plays one game per step with no experience; after each game the same model reads
-the game (observations, its full responses, the outcome) and writes new experience items, which are appended and
-capped. `experience_<k>.txt` is saved after every step; optionally the held-out games are played with the current
-experience before each update (`scores.jsonl`, the knowledge-growth curve)."""
+the game (observations, its full responses, how it ended, the outcome) and writes new experience, which is
+appended and capped. `experience_<k>.txt` is saved after every step; optionally the held-out games are played with
+the current experience before each update (`scores.jsonl`, the knowledge-growth curve). The extractor samples with
+its own budget (extract.extractor_sampling); an answer cut off by it gives nothing and is counted
+(`extractor_truncated` in games.jsonl)."""
 from __future__ import annotations
+
+import sys
 
 from tqdm.auto import trange
 
@@ -17,12 +21,13 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
     cfg, paths = ctx.cfg, ctx.paths
     engine = ctx.round_engine(r)
     builder = ctx.prompt_builder(engine)
-    marker, sampling = cfg.experience.marker, cfg.extract.sampling
+    fmt = exp.ExperienceFormat(cfg.experience.mode, cfg.experience.marker)
+    sampling = cfg.extract.sampling
     items: list[str] = []
     games, scores, outputs = [], [], []
 
     def score(step: int) -> None:
-        text = exp.render(items, marker) or None
+        text = fmt.render(items) or None
         seeds = heldout_seeds(cfg.extract.eval_games, cfg.env.seeds)
         results = play_games(engine, builder, cfg.env.name, seeds, max_turns=cfg.env.max_turns,
                              sampling=sampling, experience=text, **game_rules(cfg.env),
@@ -39,21 +44,28 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
                             **game_rules(cfg.env),
                             sampling=sampling, sampling_seed=derive_seed("extract", cfg.pipeline.seed, r, seed, step),
                             desc="game")
-        previous = exp.render(items, marker) if cfg.extract.show_previous and items else None
+        previous = fmt.render(items) if cfg.extract.show_previous and items else None
         history = [(t.log_blocks[-1], t.response) for t in game.turns]
-        messages = builder.extractor(history, "Success" if game.success else "Failure", marker, previous)
-        [answer] = engine.generate([engine.chat_ids(messages)], sampling,
+        messages = builder.extractor(history, game.ending, previous, mode=fmt.mode, marker=fmt.marker)
+        [answer] = engine.generate([engine.chat_ids(messages)], cfg.extract.extractor_sampling,
                                    seed=derive_seed("extractor", cfg.pipeline.seed, r, seed, step))
-        new_items = exp.parse_items(answer.text, marker)
-        items = exp.append_capped(items, new_items, marker, cfg.experience.max_tokens, engine.count_tokens)
+        reading = fmt.read(answer.text, finished=answer.finished, thinking=cfg.model.thinking)
+        items = fmt.append_capped(items, reading.items, cfg.experience.max_tokens, engine.count_tokens)
         path = paths.experience(r, seed, step)
-        write_text_atomic(path, exp.render(items, marker))
+        write_text_atomic(path, fmt.render(items))
         outputs.append(path)
         games.append({"step": step, "game_seed": game_seed, "success": game.success, "turns": len(game.turns),
-                      "responses": [t.response for t in game.turns], "final_log": game.final_log,
-                      "extractor_prompt": messages, "extractor_response": answer.text, "new_items": new_items})
+                      "end_reason": game.end_reason, "responses": [t.response for t in game.turns],
+                      "final_log": game.final_log, "extractor_prompt": messages, "extractor_response": answer.text,
+                      "extractor_tokens": len(answer.token_ids), "extractor_truncated": reading.truncated,
+                      "new_items": reading.items})
     if cfg.extract.eval_games:
         score(cfg.extract.steps)
+    truncated = sum(g["extractor_truncated"] for g in games)
+    if truncated:
+        print(f"WARNING: r{r} extract seed {seed}: {truncated} of {len(games)} extractor answers were cut off at "
+              f"extract.extractor_sampling.max_new_tokens={cfg.extract.extractor_sampling.max_new_tokens} "
+              "(no experience taken from a cut-off answer's unfinished part)", file=sys.stderr)
 
     seed_dir = paths.seed_dir(r, seed)
     write_jsonl_atomic(seed_dir / "games.jsonl", games)
