@@ -99,6 +99,9 @@ class PromptsConfig:
 class ExperienceConfig:
     mode: str = "items"  # items: the extractor's marker lines | free_text: its whole answer is one item
     marker: str = "- "  # items mode
+    # items mode, which answer lines are items: marker (lines starting with it) | marker_anywhere (the marker
+    # anywhere in a line, the authors' rule) | list (any bulleted or numbered line; small chat models)
+    parse: str = "marker"
     max_tokens: int = 2048  # cap on the accumulated text; the newest complete items are kept
 
 
@@ -155,6 +158,8 @@ class ConsolidateConfig:
 class EvaluateConfig:
     games: int = 128
     steps: str = "first_last"  # which checkpoints: first_last | all
+    # step 0 also plays the held-out games with the round's experience in context (the teacher's level)
+    teacher: bool = True
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20))
 
 
@@ -348,6 +353,10 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("experience.mode", f"must be items or free_text, got '{cfg.experience.mode}'")
     if not cfg.experience.marker.strip():
         raise ConfigError("experience.marker", "must contain a visible character")
+    from oel_hpc.experience import PARSE_STYLES
+
+    if cfg.experience.parse not in PARSE_STYLES:
+        raise ConfigError("experience.parse", f"must be one of {', '.join(PARSE_STYLES)}, got '{cfg.experience.parse}'")
     _positive(
         cfg,
         "pipeline.rounds", "env.max_turns", "prompts.tokens_per_turn", "experience.max_tokens",

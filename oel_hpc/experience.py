@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,16 +32,34 @@ def answer_part(response: str) -> str:
     return response.rsplit(THINK_END, 1)[-1]
 
 
-def parse_items(response: str, marker: str) -> list[str]:
-    """Every line of the answer that starts with the marker (leading spaces allowed) and has text after it."""
+# What counts as an item line in items mode (experience.parse). Whatever the style, items are written back as
+# marker lines, so the experience text always reads the same.
+PARSE_STYLES = ("marker", "marker_anywhere", "list")
+# a Markdown list line: "-", "*", "+" or "•" bullets, "1." / "1)" numbers (a chat model's own way to list things)
+_LIST_ITEM = re.compile(r"^(?:[-*+•]|\d{1,3}[.)])\s+(?P<item>\S.*)$")
+
+
+def parse_items(response: str, marker: str, style: str = "marker") -> list[str]:
+    """The items of the answer (after any reasoning), by style:
+    - `marker`: every line that starts with the marker (leading spaces allowed) and has text after it;
+    - `marker_anywhere`: the marker anywhere in a line, several per line split at each (the authors' rule for
+      their "- EXPERIENCE ITEM:" marker);
+    - `list`: every Markdown list line, bulleted or numbered, whatever the marker (for small chat models that
+      answer with a numbered list however they are asked)."""
+    if style not in PARSE_STYLES:
+        raise ValueError(f"experience.parse must be one of {PARSE_STYLES}, got {style!r}")
     stripped_marker = marker.strip()
     items = []
     for line in answer_part(response).splitlines():
         line = line.strip()
-        if line.startswith(stripped_marker):
-            item = line[len(stripped_marker):].strip()
-            if item:
-                items.append(item)
+        if style == "marker":
+            parts = [line[len(stripped_marker):]] if line.startswith(stripped_marker) else []
+        elif style == "marker_anywhere":
+            parts = line.split(stripped_marker)[1:]
+        else:
+            m = _LIST_ITEM.match(line)
+            parts = [m["item"]] if m else []
+        items += [p.strip() for p in parts if p.strip()]
     return items
 
 
@@ -79,10 +98,13 @@ class ExperienceFormat:
 
     mode: str = "items"
     marker: str = "- "
+    parse: str = "marker"  # items mode: which lines are items (PARSE_STYLES)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"experience mode must be one of {MODES}, got {self.mode!r}")
+        if self.parse not in PARSE_STYLES:
+            raise ValueError(f"experience.parse must be one of {PARSE_STYLES}, got {self.parse!r}")
 
     def render(self, items: Sequence[str]) -> str:
         return render(items, self.marker) if self.mode == "items" else FREE_TEXT_SEPARATOR.join(items)
@@ -99,7 +121,7 @@ class ExperienceFormat:
             return Reading([answer.strip()] if answer.strip() else [], truncated=False)
         if not finished and not answer.endswith("\n"):
             answer = answer.rpartition("\n")[0]  # the last line stopped mid-way
-        return Reading(parse_items(answer, self.marker), truncated=not finished)
+        return Reading(parse_items(answer, self.marker, self.parse), truncated=not finished)
 
     def append_capped(self, items: Sequence[str], new: Sequence[str], max_tokens: int,
                       count_tokens: Callable[[str], int]) -> list[str]:

@@ -24,6 +24,36 @@ def test_parse_items_custom_marker():
     assert exp.parse_items("EXP: a\nEXP:b\n- c", "EXP: ") == ["a", "b"]
 
 
+def test_parse_items_marker_anywhere_is_the_authors_rule():
+    marker = "- EXPERIENCE ITEM:"
+    answer = ("Here: - EXPERIENCE ITEM: Holes end the game. - EXPERIENCE ITEM: Go right.\n"
+              "- EXPERIENCE ITEM:\nplain line\n  - EXPERIENCE ITEM: Down is safe.")
+    assert exp.parse_items(answer, marker, "marker_anywhere") == ["Holes end the game.", "Go right.", "Down is safe."]
+    # the line-start rule misses the item that does not open its line
+    assert exp.parse_items(answer, marker) == ["Down is safe."]
+
+
+def test_parse_items_list_takes_any_bullet_or_number():
+    answer = ("Here are two lessons:\n\n1. Avoid H.\n2) Move toward G.\n* Bulleted.\n• Dot.\n- Dash.\n"
+              "+ Plus.\n1.5 is not a list item\n-no space\n3.\n12. Twelfth.")
+    assert exp.parse_items(answer, "- ", "list") == ["Avoid H.", "Move toward G.", "Bulleted.", "Dot.", "Dash.",
+                                                     "Plus.", "Twelfth."]
+
+
+def test_parse_style_is_checked():
+    with pytest.raises(ValueError, match="experience.parse"):
+        exp.parse_items("- a", "- ", "bullets")
+    with pytest.raises(ValueError, match="experience.parse"):
+        exp.ExperienceFormat("items", "- ", "bullets")
+
+
+def test_list_items_are_written_back_with_the_marker():
+    fmt = exp.ExperienceFormat("items", "- ", "list")
+    reading = fmt.read("1. Avoid H.\n2. Go down.\n", finished=True, thinking=False)
+    assert reading.items == ["Avoid H.", "Go down."]
+    assert fmt.render(reading.items) == "- Avoid H.\n- Go down."
+
+
 def test_render_round_trips():
     items = ["one", "two three"]
     assert exp.parse_items(exp.render(items, "- "), "- ") == items

@@ -1,10 +1,14 @@
-"""Evaluate: pass rate, mean response tokens and mean turns of one checkpoint on the fixed held-out games, with
-no experience in context. Step 0 is the round's starting model; the last step is the exported model."""
+"""Evaluate: pass rate, mean response tokens, mean turns and invalid-move rate of one checkpoint on the fixed
+held-out games, with no experience in context. Step 0 is the round's starting model; the last step is the exported
+model. With evaluate.teacher, step 0 also plays the held-out games *with* experience in context, as the
+consolidation's teacher sees its prompts: the level distillation aims at (game i gets experience i mod n, the
+round's non-empty experiences in list order)."""
 from __future__ import annotations
 
+from oel_hpc.experience import load_experience_list
 from oel_hpc.games.seeds import heldout_seeds
 from oel_hpc.pipeline import model_path
-from oel_hpc.rollout import derive_seed, game_rules, play_games
+from oel_hpc.rollout import GameResult, derive_seed, game_rules, play_games
 from oel_hpc.rundir import mark_done, write_json_atomic
 from oel_hpc.stages.common import StageContext
 
@@ -19,21 +23,34 @@ def checkpoint_model(ctx: StageContext, r: int, step: int) -> str:
     return str(export_for_eval(ctx.cfg, ctx.paths, r, step))
 
 
+def scores(games: list[GameResult]) -> dict:
+    turns = [t for g in games for t in g.turns]
+    return {"games": len(games), "pass_rate": sum(g.success for g in games) / len(games),
+            "mean_response_tokens": sum(len(t.response_token_ids) for t in turns) / len(turns),
+            "mean_turns": len(turns) / len(games),
+            "invalid_rate": sum(not t.valid for t in turns) / len(turns)}
+
+
 def run(ctx: StageContext, r: int, step: int) -> None:
     cfg, paths = ctx.cfg, ctx.paths
     model = checkpoint_model(ctx, r, step)
     engine = ctx.engine(model)
+    builder = ctx.prompt_builder(engine)
     seeds = heldout_seeds(cfg.evaluate.games, cfg.env.seeds)
-    games = play_games(engine, ctx.prompt_builder(engine), cfg.env.name, seeds,
-                       max_turns=cfg.env.max_turns, sampling=cfg.evaluate.sampling, **game_rules(cfg.env),
-                       sampling_seed=derive_seed("evaluate", cfg.pipeline.seed), desc=f"r{r} eval step {step}")
-    turns = [t for g in games for t in g.turns]
-    result = {
-        "round": r, "step": step, "model": paths.display(model),
-        "games": len(games), "pass_rate": sum(g.success for g in games) / len(games),
-        "mean_response_tokens": sum(len(t.response_token_ids) for t in turns) / len(turns),
-        "mean_turns": len(turns) / len(games),
-        "invalid_rate": sum(not t.valid for t in turns) / len(turns),
-    }
+
+    def play(game_seeds, experience=None, desc=f"r{r} eval step {step}"):
+        return play_games(engine, builder, cfg.env.name, game_seeds, max_turns=cfg.env.max_turns,
+                          sampling=cfg.evaluate.sampling, experience=experience, **game_rules(cfg.env),
+                          sampling_seed=derive_seed("evaluate", cfg.pipeline.seed), desc=desc)
+
+    result = {"round": r, "step": step, "model": paths.display(model), **scores(play(seeds))}
+    if step == 0 and cfg.evaluate.teacher:
+        _, texts = load_experience_list(paths.experience_list(r), paths.root)
+        experiences = [t for t in texts if t.strip()]
+        if experiences:  # none: consolidation refuses to start (or trains on purpose without); nothing to show
+            games: list[GameResult] = []
+            for k, text in enumerate(experiences):
+                games += play(seeds[k::len(experiences)], text, desc=f"r{r} eval teacher {k + 1}/{len(experiences)}")
+            result["teacher"] = {**scores(games), "experiences": len(experiences)}
     write_json_atomic(paths.eval_result(r, step), result)
     mark_done(paths, paths.done(r, "evaluate", step), ctx.stage_hash(r, "evaluate"), [paths.eval_result(r, step)])

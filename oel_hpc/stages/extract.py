@@ -21,7 +21,7 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
     cfg, paths = ctx.cfg, ctx.paths
     engine = ctx.round_engine(r)
     builder = ctx.prompt_builder(engine)
-    fmt = exp.ExperienceFormat(cfg.experience.mode, cfg.experience.marker)
+    fmt = exp.ExperienceFormat(cfg.experience.mode, cfg.experience.marker, cfg.experience.parse)
     sampling = cfg.extract.sampling
     items: list[str] = []
     games, scores, outputs = [], [], []
@@ -56,6 +56,7 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
         outputs.append(path)
         games.append({"step": step, "game_seed": game_seed, "success": game.success, "turns": len(game.turns),
                       "end_reason": game.end_reason, "responses": [t.response for t in game.turns],
+                      "valid": [t.valid for t in game.turns],
                       "final_log": game.final_log, "extractor_prompt": messages, "extractor_response": answer.text,
                       "extractor_tokens": len(answer.token_ids), "extractor_truncated": reading.truncated,
                       "new_items": reading.items})
