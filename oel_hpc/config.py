@@ -57,6 +57,7 @@ class ModelConfig:
     path: str = MISSING  # a Hugging Face folder, or a hub id resolved from the local cache
     thinking: bool = False  # Qwen3 thinking mode (`enable_thinking` of its chat template)
     dtype: str = "float32"
+    build: Optional[str] = None  # the command that makes `path` when it is missing (said in the error)
 
 
 @dataclass
@@ -265,9 +266,16 @@ def _asset(name: str) -> str:
     return str(ASSETS_DIR / name)
 
 
+def cache_dir() -> Path:
+    """Where models built on this machine live (tools/convert_smollm2.py): $OEL_CACHE, else ~/.cache/oel_hpc."""
+    return Path(os.environ.get("OEL_CACHE") or Path.home() / ".cache" / "oel_hpc").expanduser().resolve()
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("oel_asset"):
         OmegaConf.register_new_resolver("oel_asset", _asset)
+    if not OmegaConf.has_resolver("oel_cache"):
+        OmegaConf.register_new_resolver("oel_cache", lambda name: str(cache_dir() / name))
     ConfigStore.instance().store(name="oel_schema", node=OELConfig)
 
 
@@ -395,7 +403,11 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
 
         read_source(Path(cfg.gather.source), key="gather.source")
     if check_files:
-        model_dir = resolve_model_dir(cfg.model.path)
+        try:
+            model_dir = resolve_model_dir(cfg.model.path)
+        except ConfigError as e:
+            build = cfg.model.get("build")
+            raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]}" + (f"; make it with: {build}" if build else ""))
         if model_dir is not None:
             model_config = json.loads((model_dir / "config.json").read_text())
             vocab = model_config.get("vocab_size")

@@ -56,6 +56,14 @@ def test_layout_and_records(first_run):
     assert [(e["seed"], e["step"]) for e in entries] == [(0, 3), (1, 3)]
     assert all(not e["path"].startswith("/") for e in entries)  # relative: the run can move
     assert any(e["tokens"] > 0 for e in entries), "the tiny model should write experience"
+    # evaluate.teacher: the starting model with the round's experience in context, on the same held-out games;
+    # the tiny model was trained to play better with experience, which is what consolidation distils
+    before = json.loads((run / "round_1/eval/step_0.json").read_text())
+    teacher = before["teacher"]
+    assert teacher["games"] == before["games"] == 16 and teacher["experiences"] == 2
+    assert teacher["pass_rate"] > before["pass_rate"], (teacher, before)
+    assert "teacher" not in json.loads((run / "round_1/eval/step_2.json").read_text())
+    assert "pass rate with experience" in out.stdout and "extraction steps with items" in out.stdout
     rows = read_jsonl(run / "round_1/deploy/step_1.jsonl")
     assert {r["game_seed"] for r in rows}.__len__() == 8
     for key in ("game_seed", "turn", "messages", "prompt_token_ids", "policy", "success", "turns", "response"):

