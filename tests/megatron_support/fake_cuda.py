@@ -65,7 +65,7 @@ def resolve_as_on_gpu() -> None:
     import oel_hpc.megatron.trainer as trainer
 
     real = trainer.resolve
-    trainer.resolve = lambda kind, device, dtype: real(kind, "cuda", dtype)
+    trainer.resolve = lambda kind, device, *dtypes: real(kind, "cuda", *dtypes)
 
 
 if __name__ == "__main__":
