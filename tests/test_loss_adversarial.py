@@ -462,7 +462,10 @@ def test_torch_trainer_passes_impl(monkeypatch):
     h, Ws = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g).requires_grad_()
     ht, Wt = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g)
     monkeypatch.setattr(torch_trainer, "decoder_hidden", lambda model, ids, attention, positions: h)
-    d = torch_trainer.Distiller(types.SimpleNamespace(lm_head=types.SimpleNamespace(weight=Ws)))
+    from oel_hpc.train.precision import Precision
+
+    d = torch_trainer.Distiller(types.SimpleNamespace(lm_head=types.SimpleNamespace(weight=Ws)),
+                                Precision(torch.float32, torch.float32, torch.float32))
     kw = dict(k=3, temperature=TAU, renormalize=False, chunk_size=2)
     with pytest.raises(ValueError, match="'fused'.*CUDA"):
         d(None, None, None, ht, Wt, 5, impl="fused", **kw)

@@ -176,8 +176,9 @@ def _start() -> dict:
 
 
 def measure(hf: Path, reference: dict | None) -> dict:
-    """Share of weights moved from the start (as stored in the run's dtype), and the largest difference to the
-    float32 run's weights (`reference`)."""
+    """Share of weights moved from the start (as stored in the run's dtype); against the float32 run's weights
+    (`reference`): the largest difference, and the relative error of the update (‖Δ − Δ_fp32‖ / ‖Δ_fp32‖: 1 when
+    every update is lost)."""
     w = load_file(hf / "model.safetensors")
     start = _start()
     assert w.keys() == start.keys()
@@ -186,7 +187,8 @@ def measure(hf: Path, reference: dict | None) -> dict:
     out = {"moved": moved / total, "dtype": str(next(iter(w.values())).dtype).replace("torch.", "")}
     if reference is not None:
         out["max_diff"] = max((w[k].float() - reference[k].float()).abs().max().item() for k in w)
-        delta = torch.cat([(w[k].float() - start[k].float()).flatten() for k in w])
+        # the run's own update: from its start as stored in its dtype (pure bf16 starts from rounded weights)
+        delta = torch.cat([(w[k].float() - start[k].to(w[k].dtype).float()).flatten() for k in w])
         ref_delta = torch.cat([(reference[k].float() - start[k].float()).flatten() for k in w])
         out["update_error"] = ((delta - ref_delta).norm() / ref_delta.norm()).item()
     return out
@@ -264,7 +266,7 @@ def test_torch_fp32_master_keeps_the_updates_bf16_loses_them(runs, capsys):
     capsys.readouterr()
     _assert_loses_updates(runs, "torch pure bf16")
     assert "WARNING: trainer.master_dtype=bfloat16" in capsys.readouterr().out  # said once, at the start
-    assert m["update_error"] < measure(runs("torch pure bf16")[1], _fp32_reference(runs))["update_error"]
+    assert measure(runs("torch pure bf16")[1], _fp32_reference(runs))["update_error"] > 0.9  # measured 0.99
 
 
 @pytest.mark.parametrize("parallel", ["DDP", "FSDP2"])
@@ -297,7 +299,7 @@ def test_table(runs):
     names = [n for n in CONFIGS if HAVE_MEGATRON or not n.startswith("megatron")]
     ref = _fp32_reference(runs)
     lines = [f"{STEPS} steps at lr {LR:g} on the tiny model ({ROWS} rows per step); moved = share of weights changed; "
-             "max |w - w_fp32| and the update's relative error against the torch fp32 run",
+             "max |w - w_fp32| and the update's relative error (1 = every update lost) against the torch fp32 run",
              f"{'configuration':<50} {'export':>9} {'moved':>8} {'max |w - w_fp32|':>17} {'update error':>13}"]
     for name in names:
         m = measure(runs(name)[1], ref)
@@ -339,7 +341,7 @@ def test_megatron_skips_a_step_with_a_nan_gradient(tmp_path, name):
 _POISONED_WORKER = """
 import runpy, sys
 from oel_hpc.train.torch_trainer import TorchTrainer
-bad, calls, step = {{{bad}}}, [0], TorchTrainer.optimizer_step
+bad, calls, step = set([{bad}]), [0], TorchTrainer.optimizer_step
 def poisoned(self, grad_clip):
     calls[0] += 1
     if calls[0] in bad:
@@ -362,13 +364,24 @@ def small_run(tmp_path_factory):
     return root / "tiny-frozenlake"
 
 
-def _reconsolidate(run: Path, dst: Path, bad: set[int]) -> subprocess.CompletedProcess:
+def _reconsolidate(run: Path, dst: Path, bad: set[int], trainer: dict | None = None,
+                   megatron: bool = False) -> subprocess.CompletedProcess:
+    """Redo the consolidation of a copy of `run` (with `trainer` keys changed in its config), NaN gradients at the
+    optimizer steps in `bad` (torch backend)."""
     import shutil
 
-    shutil.copytree(run, dst)
-    shutil.rmtree(dst / "round_1" / "consolidate")
-    return subprocess.run([sys.executable, "-c", _POISONED_WORKER.format(bad=",".join(map(str, bad)), run=str(dst))],
-                          cwd=ROOT, env=_env(False), capture_output=True, text=True, timeout=600)
+    from omegaconf import OmegaConf
+
+    if not dst.exists():
+        shutil.copytree(run, dst)
+        shutil.rmtree(dst / "round_1" / "consolidate")
+        cfg = OmegaConf.load(dst / "config.yaml")
+        for key, value in (trainer or {}).items():
+            cfg.trainer[key] = value
+        OmegaConf.save(cfg, dst / "config.yaml")
+    code = _POISONED_WORKER.format(bad=",".join(map(str, bad)), run=str(dst))
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(megatron), capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_consolidation_logs_and_counts_a_skipped_step(small_run, tmp_path):
@@ -390,3 +403,102 @@ def test_consolidation_fails_when_every_step_is_skipped(small_run, tmp_path):
     assert not (c / "DONE").exists() and not (c / "hf").exists()
     rows = [json.loads(line) for line in (c / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [True, True]
+
+
+@pytest.mark.parametrize("backend", ["torch", "megatron"])
+def test_mixed_precision_checkpoint_resumes_exactly(small_run, tmp_path, backend):
+    """bf16 compute: the checkpoint holds the float32 master weights and optimizer state (megatron adamw: beside
+    the bf16 model), so a run cut after step 1 resumes to the uninterrupted run's weights, bit for bit."""
+    import shutil
+
+    if backend == "megatron" and not HAVE_MEGATRON:
+        pytest.skip("megatron-core is not installed")
+    trainer = {"dtype": "bfloat16"} | ({"name": "megatron", "attention": "sdpa", "optimizer": "adamw"}
+                                       if backend == "megatron" else {})
+    full = tmp_path / "full"
+    out = _reconsolidate(small_run, full, set(), trainer, megatron=backend == "megatron")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    c = full / "round_1" / "consolidate"
+    meta = json.loads((c / "ckpt" / "step_1" / "meta.json").read_text())
+    assert (meta["trainer"], meta["dtype"], meta["master_dtype"]) == (backend, "bfloat16", "float32")
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "round_1" / "consolidate" / "ckpt" / "step_2")
+    shutil.rmtree(cut / "round_1" / "consolidate" / "hf")
+    (cut / "round_1" / "consolidate" / "DONE").unlink()
+    out = _reconsolidate(small_run, cut, set(), megatron=backend == "megatron")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed from checkpoint step 1" in out.stdout and "bfloat16 compute, float32 master weights" in out.stdout
+    a = load_file(c / "hf" / "model.safetensors")
+    b = load_file(cut / "round_1" / "consolidate" / "hf" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in a.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ the keys
+@pytest.mark.parametrize("overrides,key,message", [
+    (["trainer.master_dtype=float64"], "trainer.master_dtype", "must be one of"),
+    (["trainer.export_dtype=int8"], "trainer.export_dtype", "must be null"),
+    (["trainer.dtype=bfloat16", "trainer.master_dtype=float16"], "trainer.master_dtype",
+     "must be float32 .* or trainer.dtype itself"),
+    (["trainer.master_dtype=bfloat16"], "trainer.master_dtype", "must be float32"),  # compute float32, master bf16
+    (["trainer.dtype=double"], "trainer.dtype", "must be one of"),
+])
+def test_config_refuses_a_precision_that_cannot_run(overrides, key, message):
+    from oel_hpc.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message) as e:
+        validate(compose(overrides), check_files=False)
+    assert e.value.key == key
+
+
+@needs_megatron
+def test_config_refuses_pure_16bit_with_the_distributed_optimizer():
+    from oel_hpc.config import ConfigError, validate
+
+    cfg = compose(["trainer=megatron", "trainer.optimizer=distributed", "trainer.dtype=bfloat16",
+                   "trainer.master_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="always keeps float32 master weights") as e:
+        validate(cfg, check_files=False)
+    assert e.value.key == "trainer.master_dtype"
+    validate(compose(["trainer=megatron", "trainer.dtype=bfloat16", "trainer.master_dtype=bfloat16"]),
+             check_files=False)  # auto: adamw
+
+
+def test_defaults_and_recipes():
+    from oel_hpc.config import validate
+    from oel_hpc.train.precision import Precision
+
+    for overrides in ([], ["trainer=megatron"]):
+        t = compose(overrides).trainer
+        assert (t.dtype, t.master_dtype, t.export_dtype) == ("float32", "float32", None)
+    for recipe in ("frozenlake_qwen3_1_7b", "frozenlake_qwen3_4b", "frozenlake_qwen3_8b", "sokoban_qwen3_4b_instruct"):
+        cfg = compose([f"experiment={recipe}"])
+        validate(cfg, check_files=False)
+        p = Precision.from_config(cfg.trainer)  # the paper: bf16 compute, fp32 master weights and export
+        assert (p.compute, p.master, p.export, p.mixed) == (torch.bfloat16, torch.float32, torch.float32, True)
+    assert Precision.from_config(compose(["trainer.dtype=bfloat16", "trainer.export_dtype=bfloat16"]).trainer
+                                 ).export == torch.bfloat16
+
+
+@pytest.mark.parametrize("override", ["trainer.master_dtype=bfloat16", "trainer.export_dtype=bfloat16"])
+def test_the_keys_are_in_the_consolidation_hash(override):
+    """A change redoes consolidation (and what reads its export), not the stages before it."""
+    from oel_hpc.pipeline import build_dag
+
+    base = {n.id: n.hash for n in build_dag(compose(["trainer.dtype=bfloat16"]))}
+    changed = {n.id: n.hash for n in build_dag(compose(["trainer.dtype=bfloat16", override]))}
+    assert [i for i in base if base[i] != changed[i]] == ["r1/consolidate", "r1/evaluate"]
+
+
+def test_checkpoint_of_another_precision_is_refused(tmp_path):
+    from oel_hpc.train.precision import Precision
+
+    mixed = Precision(torch.bfloat16, torch.float32, torch.float32)
+    mixed.check_meta({"dtype": "bfloat16", "master_dtype": "float32"}, tmp_path)
+    mixed.check_meta({}, tmp_path)  # written before the keys existed: the config hash decides
+    with pytest.raises(RuntimeError, match=r"trainer.master_dtype=bfloat16, this job has trainer.master_dtype="
+                                           r"float32: resume with trainer.master_dtype=bfloat16"):
+        mixed.check_meta({"dtype": "bfloat16", "master_dtype": "bfloat16"}, tmp_path)
+    with pytest.raises(RuntimeError, match=r"trainer.dtype=float32, this job has trainer.dtype=bfloat16"):
+        mixed.check_meta({"dtype": "float32", "master_dtype": "float32"}, tmp_path)

@@ -66,7 +66,7 @@ class Distiller(torch.nn.Module):
 
     def forward(self, ids, attention, positions, teacher_hidden, teacher_head, normalizer, *, k: int,
                 temperature: float, renormalize: bool, chunk_size: int, impl: str = "auto"):
-        with self.precision.autocast(ids.device):
+        with self.precision.autocast(teacher_hidden.device):
             h = decoder_hidden(self.student, ids, attention, positions)
         compute = self.precision.compute
         out = topk_reverse_kl(h.to(compute), self.student.lm_head.weight.to(compute), teacher_hidden, teacher_head,
