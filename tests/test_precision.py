@@ -335,6 +335,40 @@ def test_megatron_skips_a_step_with_a_nan_gradient(tmp_path, name):
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
+def test_a_state_made_before_any_step_is_a_fresh_one():
+    """A checkpoint written before the first real update (every step so far skipped) needs optimizer state to
+    save; making it must not move the weights or advance Adam's step count: the next update is then exactly a
+    fresh optimizer's. Both ways the state is made: torch's get_state_dict (torch backend, megatron adamw) and
+    megatron/optimizer.ensure_state (distributed optimizer shards, MasterAdamW)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from oel_hpc.megatron.optimizer import ensure_state
+    from oel_hpc.train.precision import fresh_adam_steps
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+
+    def update(model, opt):
+        model(torch.ones(2, 4)).square().sum().backward()
+        opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    fresh = update(*model_and_optimizer())
+    for make in ("get_state_dict", "ensure_state"):
+        model, opt = model_and_optimizer()
+        start = [p.detach().clone() for p in model.parameters()]
+        if make == "get_state_dict":
+            get_state_dict(model, opt)
+            fresh_adam_steps(opt)  # what the trainers do after it
+        else:
+            ensure_state([opt])
+        assert all(torch.equal(a, b) for a, b in zip(start, model.parameters())), make
+        assert all(float(opt.state[p]["step"]) == 0 for p in model.parameters()), make
+        assert all(torch.equal(a, b) for a, b in zip(fresh, update(model, opt))), make
+
+
 # The consolidation loop (train/consolidate.py) on a real run: the skipped step is logged and counted; a run whose
 # every step is skipped fails instead of exporting its starting weights. The NaN is written into one gradient just
 # before the optimizer step of the listed steps (a patch in the worker process).

@@ -135,8 +135,8 @@ class MegatronTrainer:
 
     def describe(self) -> str:
         extra = ", distributed optimizer" if self.optimizer_kind == "distributed" else ""
-        return (f"{self.d.world_size} ranks (megatron tp={self.tp} x dp={self.dp_size}{extra}, "
-                f"{self.precision.describe()})")
+        return (f"{self.d.world_size} ranks (megatron tp={self.tp} x dp={self.dp_size}{extra}), "
+                f"{self.precision.describe()}")
 
     @torch.no_grad()
     def refresh_sampler(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import runpy
 import sys
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -69,6 +70,9 @@ def resolve_as_on_gpu() -> None:
 
 
 if __name__ == "__main__":
+    # the checkout this file belongs to, before any installed copy: run as a script, Python puts this folder (not
+    # the working directory) first on sys.path, and an editable install elsewhere would win
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     install()
     resolve_as_on_gpu()
     sys.argv = ["oel_hpc.worker", *sys.argv[1:]]
