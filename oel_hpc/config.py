@@ -174,7 +174,12 @@ class EngineConfig:
 class TrainerConfig:
     name: str = "torch"
     device: str = "auto"  # auto | cpu | cuda
+    # precision (train/precision.py): dtype = the compute dtype (forward, backward, teacher, sampling copy);
+    # master_dtype = the weights the optimizer updates and its state: float32, or the compute dtype itself for pure
+    # 16-bit training (warned: small updates round away); export_dtype = the exported model's, null = master_dtype
     dtype: str = "float32"
+    master_dtype: str = "float32"
+    export_dtype: Optional[str] = None
     # With several processes (Slurm tasks or torchrun): replicate (ddp) or shard (fsdp: FSDP2 fully_shard).
     parallel: str = "ddp"
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
@@ -340,8 +345,9 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     if cfg.env.name not in GAMES:
         raise ConfigError("env.name", f"unknown game '{cfg.env.name}' (choose from: {', '.join(GAMES)})")
     validate_env(cfg)
-    if cfg.model.dtype not in _DTYPES or cfg.trainer.dtype not in _DTYPES:
-        raise ConfigError("model.dtype", f"dtypes must be one of {_DTYPES}")
+    for key in ("model.dtype", "trainer.dtype"):
+        if OmegaConf.select(cfg, key) not in _DTYPES:
+            raise ConfigError(key, f"must be one of {_DTYPES}, got '{OmegaConf.select(cfg, key)}'")
     if cfg.trainer.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got '{cfg.trainer.device}'")
     if cfg.engine.name != "hf":
@@ -452,10 +458,29 @@ def validate_env(cfg: DictConfig) -> None:
                           "(evaluate.games, extract.eval_games), fewer steps, or env.seeds=oel")
 
 
+def validate_precision(t: DictConfig) -> None:
+    """trainer.dtype / master_dtype / export_dtype: float32 master weights with any compute dtype, or pure 16-bit
+    (master = compute) when asked for explicitly; never a master narrower than the compute."""
+    master, export = t.get("master_dtype", "float32"), t.get("export_dtype")
+    if master not in _DTYPES:
+        raise ConfigError("trainer.master_dtype", f"must be one of {_DTYPES}, got '{master}'")
+    if export is not None and export not in _DTYPES:
+        raise ConfigError("trainer.export_dtype", f"must be null (= trainer.master_dtype) or one of {_DTYPES}, "
+                          f"got '{export}'")
+    if master not in ("float32", t.dtype):
+        raise ConfigError("trainer.master_dtype", f"must be float32 (master weights for trainer.dtype={t.dtype} "
+                          f"compute) or trainer.dtype itself (pure {t.dtype} training), got '{master}'")
+    if t.name == "megatron" and t.get("optimizer", "auto") == "distributed" and master != "float32":
+        raise ConfigError("trainer.master_dtype", f"megatron's distributed optimizer always keeps float32 master "
+                          f"weights; pure {master} training (trainer.master_dtype={master}) needs "
+                          "trainer.optimizer=adamw (auto picks it)")
+
+
 def validate_trainer(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.name not in ("torch", "megatron"):
         raise ConfigError("trainer.name", f"unknown trainer '{t.name}' (available: torch, megatron)")
+    validate_precision(t)
     optimizer = t.get("optimizer", "auto")
     if optimizer not in ("auto", "adamw", "distributed"):
         raise ConfigError("trainer.optimizer", f"must be auto, adamw or distributed, got '{optimizer}'")

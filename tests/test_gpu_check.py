@@ -67,3 +67,24 @@ def test_gpu_check_cpu_smoke():
     assert m and float(m.group(1)) < 1e-4, out
     assert "WARNING: the import chain pulled" not in out, out
     assert re.search(r"^RESULT: parity PASS; losses finite", out, re.M), out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                    reason="megatron-core is not installed (pip install -e '.[megatron]')")
+def test_gpu_check_cpu_smoke_bf16_has_the_fp32_master_lines():
+    """--throughput-dtype bfloat16 adds the paper recipes' precision (float32 master weights, bf16 compute) for both
+    backends, through the trainer's own Distiller and MasterAdamW; their first losses are the bf16 lines' up to
+    bf16 rounding."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.pop("OEL_MEGATRON_CPU_SHIMS", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--throughput-dtype", "bfloat16"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=180)
+    out = proc.stdout
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{out[-4000:]}\n{proc.stderr[-6000:]}"
+    for name in (r"torch\+fp32master", r"megatron\+fp32master\[sdpa\]"):
+        assert re.search(rf"^THROUGHPUT {name}\s*: +[\d,]+ tokens/s", out, re.M), out
+        m = re.search(rf"^LOSS\(step 0\) {name} vs torch: .* \(rel diff ([\d.e+-]+);", out, re.M)
+        assert m and float(m.group(1)) < 1e-2, out
+    assert re.search(r"^RATIO torch\+fp32master/torch: [\d.]+x tokens/s$", out, re.M), out
+    assert re.search(r"^RESULT: parity PASS; losses finite", out, re.M), out

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from oel_hpc.train.loss import LossOutput, response_mask, topk_reverse_kl, topk_reverse_kl_reference
+from oel_hpc.train.loss import LossOutput, response_mask, topk_lowest_id, topk_reverse_kl, topk_reverse_kl_reference
 
 TAU = 0.7
 
@@ -28,6 +28,31 @@ def _problem(N=11, H=8, V=37, dtype=torch.float32, seed=0):
 def _ref_from_hidden(hs, Ws, ht, Wt, **kw):
     ones = torch.ones(1, hs.size(0), dtype=torch.bool)
     return topk_reverse_kl_reference(_logits(hs, Ws)[None], _logits(ht, Wt)[None], ones, temperature=TAU, **kw)
+
+
+# ---------------------------------------------------------------- the top-k tie rule
+
+def _stable_topk(x, k):
+    """The rule written the slow, obvious way: a stable descending sort keeps the lower index first among ties."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_topk_lowest_id_is_the_stable_sort_rule(dtype):
+    g = torch.Generator().manual_seed(0)
+    few = torch.randint(0, 4, (50, 30), generator=g).to(dtype)  # ties everywhere
+    few[:5] = 1.0  # flat rows: every index tied
+    rounded = torch.randn(300, 3000, generator=g).to(dtype)  # bf16: most rows tie across the cut at k = 256
+    for x, ks in ((few, (1, 2, 7, 29, 30)), (rounded, (1, 256, 2999))):
+        for k in ks:
+            assert torch.equal(topk_lowest_id(x, k), _stable_topk(x, k)), (dtype, tuple(x.shape), k)
+    few[:, 3] = float("-inf")
+    assert torch.equal(topk_lowest_id(few, 29), _stable_topk(few, 29))
+    batched = few.view(5, 10, 30)  # leading dimensions are rows
+    assert torch.equal(topk_lowest_id(batched, 7), _stable_topk(batched, 7))
+    if dtype == torch.bfloat16:  # the case the rule is for: ties across the cut in most rows
+        kth = rounded.topk(257, dim=-1).values
+        assert (kth[:, 255] == kth[:, 256]).float().mean() > 0.5
 
 
 # ---------------------------------------------------------------- response_mask

@@ -46,6 +46,12 @@ def test_auto_is_distributed_on_cuda_and_adamw_elsewhere():
     assert resolve("auto", "cuda", "float32") == resolve("auto", torch.device("cuda", 3), torch.bfloat16) \
         == "distributed"
     assert resolve("auto", "cuda", "float16") == "adamw"  # the distributed optimizer would need a loss scaler
+    # it always keeps float32 master weights: pure bf16 training is adamw's
+    assert resolve("auto", "cuda", "bfloat16", "float32") == "distributed"
+    assert resolve("auto", "cuda", "bfloat16", "bfloat16") == "adamw"
+    with pytest.raises(ValueError, match=r"trainer.master_dtype: megatron's distributed optimizer always keeps "
+                                         r"float32 master weights"):
+        resolve("distributed", "cuda", "bfloat16", torch.bfloat16)
     assert resolve("adamw", "cuda", "bfloat16") == "adamw"
     assert resolve("distributed", "cuda", "float32") == "distributed"
     with pytest.raises(ValueError, match=r"trainer.optimizer: distributed .* needs CUDA.* runs on cpu"):
@@ -206,11 +212,12 @@ def test_distributed_optimizer_gives_the_adamw_weights(tp2_dp2):
         assert (x["tokens"], x["rows"]) == (y["tokens"], y["rows"])
         for key in ("kl", "student_entropy", "teacher_entropy", "grad_norm"):  # grad_norm: megatron's own
             assert y[key] == pytest.approx(x[key], rel=1e-5), key
+    precision = {"dtype": "float32", "master_dtype": "float32"}
     assert _meta(adamw) | {"config_hash": 0} == {"step": 1, "config_hash": 0, "world_size": 4, "trainer": "megatron",
-                                                 "tp": 2, "optimizer": "adamw"}
+                                                 "tp": 2, "optimizer": "adamw", "compute_threads": 1, **precision}
     assert _meta(distributed) | {"config_hash": 0} == {"step": 1, "config_hash": 0, "world_size": 4,
                                                        "trainer": "megatron", "tp": 2, "optimizer": "distributed",
-                                                       "dp": 2}
+                                                       "dp": 2, "compute_threads": 1, **precision}
     # the optimizer shards sit beside the model, one per (tp, dp) rank
     stored = dcp.FileSystemReader(str(distributed / CONSOLIDATE / "ckpt/step_1")).read_metadata().state_dict_metadata
     assert {k.split(".")[0] + "." + k.split(".")[2] for k in stored if ".dist_optimizer." in k} == {
@@ -245,8 +252,9 @@ def test_distributed_checkpoint_exports_for_evaluation(tp2_dp2):
 
 @needs_megatron
 def test_bf16_master_weights_resume_from_the_optimizer_shards(base, tmp_path):
-    """bf16: the fp32 master weights exist only in the optimizer shards; a resumed run must continue from them,
-    not from the bf16 model weights (tp=1 x dp=2)."""
+    """bf16 compute: the fp32 master weights exist only in the optimizer shards; a resumed run must continue from
+    them, not from the bf16 model weights (tp=1 x dp=2), and the export is theirs (float32: trainer.export_dtype
+    defaults to the master dtype), gathered over the dp ranks."""
     full = _as_megatron(base, tmp_path / "full", 1, "distributed", dtype="bfloat16")
     _consolidate(full, 2, fake_cuda=True)
     stored = dcp.FileSystemReader(str(full / CONSOLIDATE / "ckpt/step_1")).read_metadata().state_dict_metadata
@@ -255,5 +263,10 @@ def test_bf16_master_weights_resume_from_the_optimizer_shards(base, tmp_path):
     run = cut(full, tmp_path / "cut", keep=1)
     _consolidate(run, 2, fake_cuda=True)
     assert _max_diff(full, run) == 0.0
-    assert all(v.dtype == torch.bfloat16 for v in weights(run).values())
+    exported = weights(run)
+    assert all(v.dtype == torch.float32 for v in exported.values())
+    # the master weights, not the bf16 model's rounding of them: most of them are not bf16 numbers
+    assert sum(int((v != v.bfloat16().float()).sum()) for v in exported.values()) > 0.5 * sum(
+        v.numel() for v in exported.values())
+    assert (_meta(run)["dtype"], _meta(run)["master_dtype"]) == ("bfloat16", "float32")
 

@@ -43,6 +43,11 @@ optionally).
    and megatron's clip + Adam step, fp32 master weights (so more memory than the plain-AdamW line, which steps the
    bf16 weights). Its first loss must equal the others'; its tokens/s and memory are also compared with the
    plain-AdamW megatron line (``RATIO megatron+distopt[...]/megatron[...]``).
+   Two more lines in bf16 (not in --cpu-smoke, which is fp32): ``torch+fp32master`` and
+   ``megatron+fp32master[<attention>]``, the paper recipes' precision (trainer.master_dtype=float32): float32
+   weights and AdamW state with the forward under autocast (the trainer's own ``Distiller``), and the bf16 megatron
+   model with the trainer's ``MasterAdamW`` (float32 copies and gradient accumulators); their RATIO lines against
+   torch show what the float32 master costs. Their first losses differ from the others' by bf16 rounding only.
    Targets, reported and never failed on: megatron >= 1.25 x torch tokens/s, megatron MFU >= 40 %.
 
 Exit status: 0 when parity passes; 1 when a parity check fails or a loss is not finite; a crash exits non-zero
@@ -446,6 +451,30 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
     report(results[-1])
     del model, opt, torch_step
 
+    # ---- torch backend as the paper recipes run it (trainer.master_dtype=float32 with 16-bit compute): float32
+    # weights and AdamW state, the forward under autocast; the trainer's own Distiller
+    if dtype != torch.float32:
+        from oel_hpc.train.precision import Precision
+        from oel_hpc.train.torch_trainer import Distiller
+
+        env.free()
+        master = build_hf(s, env).train().requires_grad_(True)  # the float32 weights `state` is the rounding of
+        distiller = Distiller(master, Precision(dtype, torch.float32, torch.float32))
+        master_opt = torch.optim.AdamW(master.parameters(), lr=1e-6, weight_decay=0.0)
+        positions = torch.arange(s.seq, device=env.device)
+
+        def torch_master_step():
+            loss, *_ = distiller(ids, attention_mask, positions, teacher_hidden, teacher_head, s.seq, **loss_args)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(master.parameters(), 1.0)
+            master_opt.step()
+            master_opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        results.append(bench("torch+fp32master", s, env, torch_master_step, peak_tf))
+        report(results[-1])
+        del master, distiller, master_opt, torch_master_step
+
     # ---- megatron backend: GPTModel (tp=1) from the same weights
     def head(mg):
         w = output_weight(mg)  # [padded vocab, hidden]: slice the padding rows away (none for 151,936 at tp=1)
@@ -471,6 +500,34 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
         results.append(bench(f"megatron[{attention}]", s, env, megatron_step, peak_tf))
         report(results[-1])
         del mg, mg_opt, megatron_step
+
+        if dtype == torch.float32:
+            continue
+        # the same with float32 master weights (trainer.optimizer=adamw, master_dtype=float32): the trainer's own
+        # MasterAdamW, float32 copies and gradient accumulators beside the 16-bit model
+        from oel_hpc.megatron.optimizer import MasterAdamW
+
+        env.free()
+        mg = build_megatron(s, env, state, dtype, attention).train()
+        mg_master = MasterAdamW(mg, lr=1e-6, weight_decay=0.0)
+
+        def megatron_master_step():
+            h = final_hidden(mg, ids)
+            out = topk_reverse_kl(h.reshape(-1, s.hidden), head(mg), teacher_hidden, teacher_head, **loss_args)
+            out.loss.backward()
+            finalize_grads(mg)
+            grads = [g for _, g in mg_master.grads()]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            coef = (1.0 / (norm + 1e-6)).clamp(max=1.0)  # clip 1.0, as the trainer
+            for g in grads:
+                g.mul_(coef)
+            mg_master.step()
+            mg_master.zero_grad()
+            return out.loss.detach()
+
+        results.append(bench(f"megatron+fp32master[{attention}]", s, env, megatron_master_step, peak_tf))
+        report(results[-1])
+        del mg, mg_master, megatron_master_step
 
     # ---- megatron backend with megatron's distributed optimizer: the trainer's code path (trainer.optimizer=
     # distributed), imported from the package
@@ -506,8 +563,11 @@ def report_targets(results: list[Result]) -> None:
     by_name = {r.name: r for r in results}
     for r in results[1:]:
         ratio = r.tokens_per_s / base.tokens_per_s
-        met = "MET" if ratio >= TARGET_RATIO else "NOT MET"
-        log(f"RATIO {r.name}/torch: {ratio:.3f}x tokens/s  (target >= {TARGET_RATIO:g}x: {met})")
+        if not r.name.startswith("megatron"):  # torch+fp32master: what the float32 master costs, no target
+            log(f"RATIO {r.name}/torch: {ratio:.3f}x tokens/s")
+        else:
+            met = "MET" if ratio >= TARGET_RATIO else "NOT MET"
+            log(f"RATIO {r.name}/torch: {ratio:.3f}x tokens/s  (target >= {TARGET_RATIO:g}x: {met})")
         if r.mfu is None:
             log(f"TARGET {r.name} MFU >= {TARGET_MFU:g}%: n/a (unknown peak)")
         else:
@@ -542,6 +602,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per backend")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (overrides the table)")
     ap.add_argument("--skip-throughput", action="store_true", help="parity only")
+    ap.add_argument("--throughput-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="default: bfloat16 on the GPU, float32 with --cpu-smoke (bfloat16 there adds the fp32-master "
+                         "lines)")
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
 
@@ -573,7 +636,7 @@ def main(argv=None) -> int:
         # parity in fp32 means fp32: no TF32 anywhere
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    throughput_dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    throughput_dtype = getattr(torch, args.throughput_dtype or ("float32" if args.cpu_smoke else "bfloat16"))
     log(f"== gpu_check{' --cpu-smoke' if args.cpu_smoke else ''}: device {device_name}"
         + (f" (peak dense bf16 {peak_tf:g} TFLOP/s)" if peak_tf else " (peak FLOP/s unknown: MFU n/a)")
         + f"; python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "

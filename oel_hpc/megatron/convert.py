@@ -326,20 +326,23 @@ def load_hf(model, hf_state: dict, hf_config, tp_rank: int, tp_size: int) -> Non
         raise RuntimeError(f"load_hf: missing keys {bad_missing}, unexpected keys {result.unexpected_keys}")
 
 
-def gather_hf_state(model, hf_config, group=None) -> dict:
+def gather_hf_state(model, hf_config, group=None, values=None) -> dict:
     """All-gather this TP group's shards of ``model`` and return the full HF state dict (CPU tensors) on every rank.
     One ``all_gather`` per tensor on the device the tensor lives on (CPU for gloo, CUDA for NCCL); every TP shard of
-    a tensor has the same shape, and ``state_dict()`` lists keys in the same order on every rank."""
+    a tensor has the same shape, and ``state_dict()`` lists keys in the same order on every rank. ``values(key,
+    tensor)``, when given, supplies each tensor instead (e.g. the float32 master weight of a 16-bit parameter), one
+    at a time in that order (it may be a collective)."""
     import torch.distributed as dist
 
     model = unwrap(model)
     state = {k: v.detach() for k, v in model.state_dict().items() if not is_extra_state(k)}
+    value = (lambda k, v: v) if values is None else values
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     if world == 1:
-        return megatron_to_hf([{k: v.cpu() for k, v in state.items()}], hf_config)
+        return megatron_to_hf([{k: value(k, v).cpu() for k, v in state.items()}], hf_config)
     shards = [{} for _ in range(world)]
     for key, tensor in state.items():
-        tensor = tensor.contiguous()
+        tensor = value(key, tensor).contiguous()
         parts = [torch.empty_like(tensor) for _ in range(world)]
         dist.all_gather(parts, tensor, group=group)
         for r in range(world):

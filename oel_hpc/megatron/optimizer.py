@@ -1,24 +1,32 @@
 """`trainer.optimizer` of trainer=megatron: which optimizer steps the student, and megatron-core's distributed one.
 
-    auto         distributed on CUDA (float32 / bfloat16), adamw otherwise (the CPU, float16)
-    adamw        torch.optim.AdamW on each rank's whole TP shard; gradients reduced by hand (megatron/trainer.py)
+    auto         distributed on CUDA (float32 / bfloat16 compute, float32 master), adamw otherwise (the CPU,
+                 float16, pure 16-bit training)
+    adamw        torch.optim.AdamW on each rank's whole TP shard; gradients reduced by hand (megatron/trainer.py).
+                 With 16-bit compute and float32 master weights (train/precision.py): `MasterAdamW`, AdamW on
+                 float32 copies of the 16-bit model's weights with float32 gradient accumulators
     distributed  megatron's DistributedDataParallel + DistributedOptimizer (ZeRO-1): the Adam state, an fp32
                  master copy of the weights (bfloat16) and the fp32 gradient buffer are sharded over the
                  data-parallel ranks; CUDA only (megatron allocates its buffers and scalars on CUDA)
+
+Either way a non-finite global gradient norm skips the update (`step` returns it with stepped=False).
 
 `DistributedAdam` is the distributed path behind three calls, shared by the trainer and tools/gpu_check.py::
 
     opt = DistributedAdam(student, lr=..., weight_decay=..., grad_clip=...)  # student: the (unwrapped) GPTModel
     ... forward/backward of every micro-batch (student called directly; gradients land in opt.ddp's buffers)
-    grad_norm = opt.step()       # finalize_model_grads + optimizer.step(), then the buffers are zeroed again
+    grad_norm, stepped = opt.step()  # finalize_model_grads + optimizer step (skipped on a non-finite norm),
+                                     # then the buffers are zeroed again
 
 Same update as the adamw path: Adam with decoupled weight decay on every parameter (`config_overrides={}`: megatron
 otherwise exempts norms and biases), torch's AdamW betas/eps, clipping by the global norm with coefficient
 clip / (norm + 1e-6) as torch.nn.utils.clip_grad_norm_. The global norm is taken over the world (each rank's
 fp32 gradient shard; TP-split weights per shard, replicated ones on TP rank 0 only; DP shards are disjoint): the
-adamw path's norm. In float32 the two paths agree up to summation order; in bfloat16 this one steps fp32 master
-weights with fp32 gradients while the adamw path steps the bf16 weights directly, so they differ (this one is the
-more exact). float16 is refused: megatron would need a loss scaler, and steps skipped on overflow.
+adamw path's norm. In float32 the two paths agree up to summation order; in bfloat16 with float32 master weights
+both step float32 masters with float32 gradients accumulated from the bf16 backward (MasterAdamW on the adamw
+path) and agree up to summation order too. float16 is refused: megatron would need a loss scaler. The model the
+master weights come from is 16-bit: `load_master` sets them from the unrounded float32 weights, `master_value`
+assembles one back (for the export).
 
 Gradient convention, checked against megatron-core 0.16.1's finalize_model_grads.py:
 - the DDP hooks add each parameter's .grad into its fp32 `main_grad` buffer; `finalize_model_grads` reduce-scatters
@@ -52,9 +60,12 @@ consolidations at tp=2 x dp=2 give the adamw path's weights, resume exactly, ref
 """
 from __future__ import annotations
 
-from typing import Union
+import math
+from typing import Callable, Iterator, Optional, Union
 
 import torch
+
+from oel_hpc.train.precision import fresh_adam_steps
 
 KINDS = ("auto", "adamw", "distributed")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -64,15 +75,16 @@ def _dtype_name(dtype: Union[str, torch.dtype]) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype)) if isinstance(dtype, torch.dtype) else str(dtype)
 
 
-def resolve(kind: str, device: Union[str, torch.device], dtype: Union[str, torch.dtype]) -> str:
-    """The optimizer `trainer.optimizer=kind` means for a trainer on `device` with parameters in `dtype`: "adamw"
-    or "distributed". ValueError (naming trainer.optimizer) for an unknown kind, or "distributed" off CUDA or in
-    float16."""
-    device, dtype = torch.device(device), _dtype_name(dtype)
+def resolve(kind: str, device: Union[str, torch.device], dtype: Union[str, torch.dtype],
+            master_dtype: Union[str, torch.dtype] = "float32") -> str:
+    """The optimizer `trainer.optimizer=kind` means for a trainer on `device` computing in `dtype` with master
+    weights in `master_dtype`: "adamw" or "distributed". ValueError (naming the key) for an unknown kind, or
+    "distributed" off CUDA, in float16 or without float32 master weights (it always keeps them)."""
+    device, dtype, master = torch.device(device), _dtype_name(dtype), _dtype_name(master_dtype)
     if kind not in KINDS:
         raise ValueError(f"trainer.optimizer: must be auto, adamw or distributed, got '{kind}'")
     if kind == "auto":
-        return "distributed" if device.type == "cuda" and dtype != "float16" else "adamw"
+        return "distributed" if device.type == "cuda" and dtype != "float16" and master == "float32" else "adamw"
     if kind == "distributed":
         if device.type != "cuda":
             raise ValueError(f"trainer.optimizer: distributed (megatron's distributed optimizer) needs CUDA, but the "
@@ -80,6 +92,9 @@ def resolve(kind: str, device: Union[str, torch.device], dtype: Union[str, torch
         if dtype == "float16":
             raise ValueError("trainer.optimizer: distributed supports float32 and bfloat16, not float16 (it would "
                              "need a loss scaler); use trainer.dtype=bfloat16 or trainer.optimizer=adamw")
+        if master != "float32":
+            raise ValueError(f"trainer.master_dtype: megatron's distributed optimizer always keeps float32 master "
+                             f"weights; pure {master} training needs trainer.optimizer=adamw (auto picks it)")
     return kind
 
 
@@ -106,9 +121,10 @@ def _restore(live, saved):
 
 def ensure_state(optimizers) -> None:
     """Give every inner optimizer its state tensors (exp_avg, exp_avg_sq, step: what a first step creates), so that
-    `shard_state` can serve as DCP's load template before any step. Done as megatron does
-    (DistributedOptimizer._init_optimizer_states_with_dummy_values): one step with zero gradients. Its weight decay
-    moves the master weights, which the load overwrites."""
+    `shard_state` can serve as DCP's load template before any step, or a checkpoint can be written after steps that
+    were all skipped. Done as megatron does (DistributedOptimizer._init_optimizer_states_with_dummy_values): one
+    step with zero gradients, at lr 0 (no weight decay moves the master weights) and its step counts set back to 0
+    after: the state of an optimizer that never stepped."""
     for opt in optimizers:
         if opt is None:
             continue
@@ -117,8 +133,14 @@ def ensure_state(optimizers) -> None:
             continue
         for p in params:
             p.grad = torch.zeros_like(p)
+        lrs = [group["lr"] for group in opt.param_groups]
+        for group in opt.param_groups:
+            group["lr"] = 0.0
         opt.step()
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
+        fresh_adam_steps(opt)
 
 
 def shard_state(optimizers) -> dict:
@@ -199,20 +221,72 @@ class DistributedAdam:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def step(self, grad_clip: float | None = None) -> float:
+    def step(self, grad_clip: float | None = None) -> tuple[float, bool]:
         """Reduce the accumulated gradients (dp reduce-scatter, TP sum of the q/k-norm gradients), clip, step, gather
-        the updated weights into every rank's model, zero the buffers. Returns the global gradient norm before
-        clipping."""
+        the updated weights into every rank's model, zero the buffers. Returns (the global gradient norm before
+        clipping, whether the step was taken): a non-finite norm skips the update (megatron's own step would apply
+        it: without a loss scaler it does not look), the same on every rank since the norm is reduced over all.
+        ChainedOptimizer.step, with that check between the norm and the clip."""
         from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         if grad_clip is not None:
             self.config.clip_grad = grad_clip  # the config object every chained optimizer reads
         finalize_model_grads([self.ddp])
-        success, grad_norm, _ = self.optimizer.step()
+        found_inf = self.optimizer.prepare_grads()  # model grads -> main grads (and a scaler's check: none here)
+        grad_norm = float(self.optimizer.get_grad_norm())
+        stepped = not found_inf and math.isfinite(grad_norm)
+        if stepped:
+            for opt in self.optimizer.chained_optimizers:
+                if getattr(opt, "is_stub_optimizer", False):
+                    continue
+                params = opt.get_parameters()
+                if params and opt.config.clip_grad > 0.0:
+                    clip_grad_by_total_norm_fp32(
+                        params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                        use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+            if not self.optimizer.step_with_ready_grads():
+                raise RuntimeError("megatron's distributed optimizer did not step")
         self.zero_grad()
-        if not success:  # only with a loss scaler (float16), which is refused
-            raise RuntimeError("megatron's distributed optimizer skipped the step (non-finite gradients)")
-        return float(grad_norm)
+        return grad_norm, stepped
+
+    # --------------------------------------------------------------- float32 master weights (16-bit model)
+    def _main_shards(self) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor, int, int]]:
+        """(model parameter, its float32 main shard on this rank, [start, end) of the flattened parameter it
+        covers), for every parameter this rank holds a shard of (a 16-bit model's parameters have separate main
+        shards; a float32 model's shards are views of the parameters themselves)."""
+        for opt in self.optimizer.chained_optimizers:
+            pairs = [(opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
+                     (opt.model_fp32_groups, opt.shard_fp32_groups)]
+            for model_groups, main_groups in pairs:
+                for model_group, main_group in zip(model_groups, main_groups):
+                    for param, main in zip(model_group, main_group):
+                        r = opt._get_model_param_range_map(param)["param"]
+                        yield param, main, r.start, r.end
+
+    @torch.no_grad()
+    def load_master(self, value: Callable[[torch.nn.Parameter], torch.Tensor]) -> None:
+        """Every main shard := its slice of `value(param)` (the full float32 weight): the master weights from
+        unrounded values rather than from the 16-bit model they were initialised from."""
+        for param, main, start, end in self._main_shards():
+            main.copy_(value(param).reshape(-1)[start:end])
+
+    @torch.no_grad()
+    def master_value(self, param: torch.nn.Parameter, group) -> torch.Tensor:
+        """The full float32 master weight of `param` (this TP rank's shard of it), assembled from the main shards
+        of the data-parallel `group` (a collective: every rank of the group calls it for the same parameters in the
+        same order)."""
+        import torch.distributed as dist
+
+        if not hasattr(self, "_shards_by_param"):
+            self._shards_by_param = {}
+            for p, main, start, end in self._main_shards():
+                self._shards_by_param.setdefault(p, []).append((main, start, end))
+        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        for main, start, end in self._shards_by_param.get(param, []):
+            full[start:end] = main  # each element is held by exactly one dp rank: the sum assembles the weight
+        dist.all_reduce(full, group=group)
+        return full.view(param.shape)
 
     def _inner(self) -> list:
         return [getattr(o, "optimizer", None) for o in self.optimizer.chained_optimizers]
@@ -225,3 +299,71 @@ class DistributedAdam:
 
     def load_checkpoint_state(self, state: dict) -> None:
         load_shard_state(self._inner(), state)
+
+
+# ------------------------------------------------------------------ the adamw path with float32 master weights
+def _accumulate_main_grad(param: torch.nn.Parameter) -> None:
+    # after each backward: this micro-batch's 16-bit gradient into the float32 accumulator, then dropped
+    param.main_grad.add_(param.grad)
+    param.grad = None
+
+
+class MasterAdamW:
+    """trainer.optimizer=adamw on a 16-bit model with float32 master weights (trainer.dtype 16-bit, master_dtype
+    float32): torch AdamW on float32 copies of the model's parameters (this rank's TP shard of each), and a float32
+    gradient accumulator per parameter (`param.main_grad`, as megatron's DDP keeps one) that every backward's 16-bit
+    gradient is added to. `step` sets the masters' gradients to the accumulators, steps, rounds the masters into the
+    model and zeroes the accumulators. The same scheme as the distributed optimizer's, unsharded, on any device.
+
+    Checkpoints: `shard_state([optimizer])` ({"main": master, exp_avg, exp_avg_sq, step} per parameter), beside
+    the 16-bit model: the same at every dp rank (replicas), so the adamw path keeps resuming at any dp."""
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in self.params]
+        for p in self.params:
+            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+            p.register_post_accumulate_grad_hook(_accumulate_main_grad)
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay)
+
+    def grads(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """(model parameter, its float32 accumulated gradient): what the trainer reduces, measures and clips."""
+        return [(p, p.main_grad) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = p.main_grad  # every master gets a gradient (zeros if unused): every one has Adam state
+        self.optimizer.step()
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
+            m.grad = None
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.main_grad.zero_()
+            p.grad = None
+
+    @torch.no_grad()
+    def load_master(self, value: Callable[[torch.nn.Parameter], torch.Tensor]) -> None:
+        """The masters from unrounded float32 weights (`value(param)`: this TP rank's full weight)."""
+        for p, m in zip(self.params, self.master):
+            m.copy_(value(p))
+
+    def master_value(self, param: torch.nn.Parameter, group=None) -> torch.Tensor:
+        return self.master[self._index()[param]].detach()
+
+    def _index(self) -> dict:
+        if not hasattr(self, "_by_param"):
+            self._by_param = {p: i for i, p in enumerate(self.params)}
+        return self._by_param
+
+    def checkpoint_state(self) -> dict:
+        ensure_state([self.optimizer])
+        return shard_state([self.optimizer])
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        load_shard_state([self.optimizer], state)
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                p.copy_(m)  # the model from the loaded masters (the checkpoint's 16-bit model is their rounding)

@@ -35,13 +35,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from oel_hpc.engines.hf import DTYPES
 from oel_hpc.megatron import convert
 from oel_hpc.megatron.model import build_gpt, final_hidden, finalize_grads, output_weight
-from oel_hpc.megatron.optimizer import loss_normalizer, resolve
+from oel_hpc.megatron.optimizer import MasterAdamW, loss_normalizer, resolve
 from oel_hpc.train import checkpoint, distributed
 from oel_hpc.train.loss import topk_reverse_kl
 from oel_hpc.train.loss_vocab_parallel import vocab_parallel_topk_reverse_kl
+from oel_hpc.train.precision import Precision, fresh_adam_steps
 from oel_hpc.train.torch_trainer import pad_batch
 
 
@@ -95,24 +95,25 @@ class MegatronTrainer:
         self.tp_group, self.dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        dtype = DTYPES[t.dtype]
-        self.optimizer_kind = resolve(t.get("optimizer", "auto"), d.device, t.dtype)  # adamw | distributed
+        # precision (train/precision.py): student and teacher compute in the compute dtype; with float32 master
+        # weights the optimizer keeps them (MasterAdamW, or megatron's main shards), loaded from unrounded values
+        self.precision = p = Precision.from_config(t)
+        self.optimizer_kind = resolve(t.get("optimizer", "auto"), d.device, p.compute, p.master)
         self.hf_config = AutoConfig.from_pretrained(base)
         self.vocab_size = self.hf_config.vocab_size
 
-        self.sampler = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(d.device).eval()
-        hf_state = {k: v.detach().cpu() for k, v in self.sampler.state_dict().items()}
+        hf_state = AutoModelForCausalLM.from_pretrained(base, dtype=p.master).state_dict()  # on the CPU
+        self.sampler = AutoModelForCausalLM.from_pretrained(base, dtype=p.compute).to(d.device).eval()
         cpu = d.device.type == "cpu"
 
         def build():
-            model = build_gpt(self.hf_config, tp=t.tp, dtype=dtype, attention=t.attention, cpu=cpu)
+            model = build_gpt(self.hf_config, tp=t.tp, dtype=p.compute, attention=t.attention, cpu=cpu)
             convert.load_hf(model, hf_state, self.hf_config, self.tp_rank, t.tp)
             return model.to(d.device)
 
         self.student = build().train()
         self.teacher = build().eval().requires_grad_(False)
-        del hf_state
-        self.dist_opt = None
+        self.dist_opt = self.master_opt = None
         if self.optimizer_kind == "distributed":
             from oel_hpc.megatron.optimizer import DistributedAdam
 
@@ -120,12 +121,22 @@ class MegatronTrainer:
             self.dist_opt = DistributedAdam(self.student, lr=lr, weight_decay=weight_decay,
                                             grad_clip=cfg.consolidate.grad_clip)
             self.optimizer = self.dist_opt.optimizer
+        elif p.mixed:
+            self.master_opt = MasterAdamW(self.student, lr=lr, weight_decay=weight_decay)
+            self.optimizer = self.master_opt.optimizer
         else:
             self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=weight_decay)
+        if p.mixed:  # the masters from the unrounded weights, not from the 16-bit model (round r+1's start)
+            mine = convert.hf_to_megatron(hf_state, self.hf_config, tp_rank=self.tp_rank, tp_size=t.tp,
+                                          fused_norms=convert.uses_fused_norms(self.student.state_dict().keys()))
+            names = {param: name for name, param in self.student.named_parameters()}
+            (self.dist_opt or self.master_opt).load_master(lambda param: mine[names[param]].to(param.device))
+        del hf_state
 
     def describe(self) -> str:
         extra = ", distributed optimizer" if self.optimizer_kind == "distributed" else ""
-        return f"{self.d.world_size} ranks (megatron tp={self.tp} x dp={self.dp_size}{extra})"
+        return (f"{self.d.world_size} ranks (megatron tp={self.tp} x dp={self.dp_size}{extra}), "
+                f"{self.precision.describe()}")
 
     @torch.no_grad()
     def refresh_sampler(self) -> None:
@@ -180,32 +191,42 @@ class MegatronTrainer:
                                              group=self.tp_group, normalizer=normalizer, **loss_args)
         return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
 
-    def optimizer_step(self, grad_clip: float) -> float:
+    def optimizer_step(self, grad_clip: float) -> tuple[float, bool]:
+        """Reduce, clip and step; returns (the gradient norm before clipping, whether the step was taken). A
+        non-finite norm on any rank skips the update everywhere (no weight or optimizer state changes)."""
         if self.dist_opt is not None:  # finalize_model_grads (dp reduce-scatter, q/k-norm TP sum), clip, step, zero
             return self.dist_opt.step(grad_clip)
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        finalize_grads(self.student, self.tp_group)
+        # (parameter, its gradient): the float32 accumulators with master weights, else .grad
+        grads = self.master_opt.grads() if self.master_opt is not None else \
+            [(p, p.grad) for p in self.student.parameters() if p.grad is not None]
+        finalize_grads(self.student, self.tp_group)  # main_grad where there is one
         if self.dp_size > 1:
-            flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
+            flat = torch._utils._flatten_dense_tensors([g for _, g in grads])
             dist.all_reduce(flat, group=self.dp_group)
-            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
-                p.grad.copy_(g)
-        norm = self._grad_norm(params)
-        if grad_clip > 0:
-            scale = min(1.0, grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
-            if scale < 1.0:
-                for p in params:
-                    p.grad.mul_(scale)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+            for (_, g), reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, [g for _, g in grads])):
+                g.copy_(reduced)
+        norm = self._grad_norm(grads)
+        # replicated weights' gradients are not reduced over TP: agree on the decision over the whole job
+        stepped = distributed.agree_finite(norm, self.d)
+        if stepped:
+            if grad_clip > 0:
+                scale = min(1.0, grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
+                if scale < 1.0:
+                    for _, g in grads:
+                        g.mul_(scale)
+            (self.master_opt or self.optimizer).step()
+        if self.master_opt is not None:
+            self.master_opt.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return norm, stepped
 
-    def _grad_norm(self, params) -> float:
+    def _grad_norm(self, grads) -> float:
         """2-norm over the whole model: TP-split weights count every shard, replicated ones once."""
         split = torch.zeros((), dtype=torch.float64, device=self.d.device)
         replicated = split.clone()
-        for p in params:
-            sq = p.grad.detach().double().pow(2).sum()
+        for p, g in grads:
+            sq = g.detach().double().pow(2).sum()
             if getattr(p, "tensor_model_parallel", False):
                 split += sq
             else:
@@ -224,7 +245,15 @@ class MegatronTrainer:
             model_state = {k: v for k, v in model_state.items() if not convert.is_extra_state(k)}
             return {shard_key(self.tp_rank, self.tp): {
                 "model": model_state, "dist_optimizer": {self._dp_key(): self.dist_opt.checkpoint_state()}}}
+        if self.master_opt is not None:  # the 16-bit model as above; the float32 masters and their Adam state
+            model_state = get_model_state_dict(self.student, options=opts)
+            model_state = {k: v for k, v in model_state.items() if not convert.is_extra_state(k)}
+            return {shard_key(self.tp_rank, self.tp): {"model": model_state,
+                                                       "master_optimizer": self.master_opt.checkpoint_state()}}
+        never_stepped = not self.optimizer.state
         model_state, optim_state = get_state_dict(self.student, self.optimizer, options=opts)
+        if never_stepped:  # get_state_dict created the state with a zero-lr step: make it a fresh one again
+            fresh_adam_steps(self.optimizer)
         model_state = {k: v for k, v in model_state.items() if not convert.is_extra_state(k)}
         return {shard_key(self.tp_rank, self.tp): {"model": model_state, "optimizer": optim_state}}
 
@@ -234,11 +263,15 @@ class MegatronTrainer:
             set_model_state_dict(self.student, mine["model"], options=StateDictOptions(strict=False))
             self.dist_opt.load_checkpoint_state(mine["dist_optimizer"][self._dp_key()])
             return
+        if self.master_opt is not None:
+            set_model_state_dict(self.student, mine["model"], options=StateDictOptions(strict=False))
+            self.master_opt.load_checkpoint_state(mine["master_optimizer"])
+            return
         set_state_dict(self.student, self.optimizer, model_state_dict=mine["model"],
                        optim_state_dict=mine["optimizer"], options=StateDictOptions(strict=False))
 
     def checkpoint_meta(self) -> dict:
-        meta = {"trainer": self.name, "tp": self.tp, "optimizer": self.optimizer_kind}
+        meta = {"trainer": self.name, "tp": self.tp, "optimizer": self.optimizer_kind, **self.precision.meta()}
         if self.dist_opt is not None:
             meta["dp"] = self.dp_size  # the optimizer shards follow the dp layout
         return meta
@@ -251,8 +284,21 @@ class MegatronTrainer:
             raise RuntimeError(f"{path} was written at trainer.tp={meta.get('tp')}, this job has trainer.tp={self.tp}:"
                                f" resume with trainer.tp={meta.get('tp')} (any number of data-parallel ranks)")
         check_optimizer(meta, path, self.optimizer_kind, self.dp_size)
+        self.precision.check_meta(meta, path)
 
+    @torch.no_grad()
     def export(self, tokenizer, out_dir: Path) -> None:
-        self.refresh_sampler()  # a collective in every TP group
-        if self.d.is_main:
-            checkpoint.export_hf(self.sampler, tokenizer, out_dir)
+        """The master weights (gathered over TP, and over dp from the distributed optimizer's shards) as a Hugging
+        Face folder in trainer.export_dtype, through the sampler (no longer needed). Collectives on every rank."""
+        values = None
+        if self.precision.mixed:
+            opt = self.dist_opt or self.master_opt
+            params = dict(self.student.named_parameters())
+            values = lambda name, t: opt.master_value(params[name], self.dp_group) if name in params else t  # noqa: E731
+        state = convert.gather_hf_state(self.student, self.hf_config, self.tp_group, values=values)
+        if not self.d.is_main:
+            return
+        model = self.sampler.to(device="cpu", dtype=self.precision.export)
+        for name, p in model.named_parameters():
+            p.copy_(state[name])
+        checkpoint.export_hf(model, tokenizer, out_dir)

@@ -163,8 +163,8 @@ def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
     number of ranks it was written with; runs in one process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oel_hpc.engines.hf import DTYPES
     from oel_hpc.pipeline import model_path
+    from oel_hpc.train.precision import Precision
 
     out = paths.ckpt(r, step) / "hf"
     if (out / "config.json").is_file():
@@ -172,7 +172,8 @@ def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
     if not (paths.ckpt(r, step) / META).is_file():
         raise FileNotFoundError(f"{paths.ckpt(r, step)} is not a complete checkpoint")
     base = model_path(cfg, paths, r)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[cfg.trainer.dtype])
+    # in trainer.export_dtype, as the final export (the checkpoint's weights are cast on load)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=Precision.from_config(cfg.trainer).export)
     meta = read_meta(paths.ckpt(r, step))
     if meta.get("trainer", "torch") == "megatron":
         _load_megatron_shards(model, paths.ckpt(r, step), meta["tp"])

@@ -30,6 +30,7 @@ from oel_hpc.rollout import derive_seed
 from oel_hpc.rundir import read_jsonl
 from oel_hpc.train import checkpoint, distributed, preemption
 from oel_hpc.train.metrics import MetricsLog
+from oel_hpc.train.precision import Precision
 from oel_hpc.train.torch_trainer import TorchTrainer
 
 
@@ -53,9 +54,16 @@ def micro_batches(samples: list[Sample], max_tokens: int) -> list[list[Sample]]:
     return batches + [current] if current else batches
 
 
+class AllStepsSkipped(RuntimeError):
+    """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
+
+
 def build_trainer(cfg, base, d: distributed.Dist):
     """The backend named by trainer.name: the student, teacher and optimizer, and how they are spread over ranks."""
     c = cfg.consolidate
+    if d.is_main:
+        for line in Precision.from_config(cfg.trainer).warnings():
+            print(line, flush=True)
     if cfg.trainer.name == "megatron":
         from oel_hpc.megatron.trainer import MegatronTrainer
 
@@ -149,12 +157,16 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> None:
                     (loss if real else loss * 0.0).backward()
                 if real:
                     sums = [a + b.item() for a, b in zip(sums, (kl, ent_s, ent_t))]
-            grad_norm = trainer.optimizer_step(c.grad_clip)
+            # a non-finite gradient norm skips the update (weights and optimizer state unchanged, on every rank);
+            # the step still counts: metrics, checkpoint and the loop go on
+            grad_norm, stepped = trainer.optimizer_step(c.grad_clip)
+            if not stepped and main:
+                print(f"r{r} step {step}: gradient norm is {grad_norm}, update skipped", flush=True)
 
             kl, ent_s, ent_t = trainer.dp_all_reduce(sums)
             metrics.log({"step": step, "kl": kl / tokens, "student_entropy": ent_s / tokens,
-                         "teacher_entropy": ent_t / tokens, "grad_norm": grad_norm, "tokens": tokens,
-                         "rows": n_rows, "lr": c.lr, "seconds": time.time() - t0})
+                         "teacher_entropy": ent_t / tokens, "grad_norm": grad_norm, "skipped": not stepped,
+                         "tokens": tokens, "rows": n_rows, "lr": c.lr, "seconds": time.time() - t0})
             saved = None
             if step % c.save_freq == 0 or step == c.steps:
                 saved = checkpoint.save(paths.ckpt_dir(r), step, trainer, stage_hash, c.keep_checkpoints, d)
@@ -166,5 +178,12 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> None:
                 metrics.close()
                 raise preemption.stop(stop, step, paths.display(saved), d, requeue=cfg.cluster.requeue)
     metrics.close()
+    skipped = d.broadcast(sum(bool(row.get("skipped")) for row in metrics.rows))  # rank 0 holds the rows
+    if skipped == c.steps:
+        raise AllStepsSkipped(
+            f"r{r} consolidate: all {c.steps} steps had a non-finite gradient norm and were skipped (see "
+            f"{paths.display(paths.metrics(r))}): the weights are the round's starting weights, nothing was "
+            "learned; nothing is exported. Look for NaN/inf in the loss inputs (consolidate.temperature, "
+            "trainer.dtype=float16 overflow) and rerun with run.overwrite=true")
     trainer.export(tokenizer, paths.hf(r))
     d.barrier()

@@ -192,9 +192,12 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def wrap(module: torch.nn.Module, layers: Sequence[torch.nn.Module], parallel: str, d: Dist) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, layers: Sequence[torch.nn.Module], parallel: str, d: Dist,
+         mixed_compute: Optional[torch.dtype] = None) -> torch.nn.Module:
     """`module` ready for data-parallel training: itself for a world of 1; DDP replicas; or FSDP2 (`fully_shard` per
-    layer, then the root). Gradients are averaged over ranks either way, so callers scale losses by world size."""
+    layer, then the root). Gradients are averaged over ranks either way, so callers scale losses by world size.
+    `mixed_compute`: float32 parameters computing in this dtype (train/precision.py); FSDP2 then gathers the
+    shards in it and reduces gradients in float32 (DDP reduces the float32 gradients as they are)."""
     if not d.enabled:
         return module
     if parallel == "ddp":
@@ -205,11 +208,13 @@ def wrap(module: torch.nn.Module, layers: Sequence[torch.nn.Module], parallel: s
         return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                    forward_sync_buffers=False)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=mixed_compute, reduce_dtype=torch.float32) if mixed_compute \
+            else MixedPrecisionPolicy()
         for layer in layers:
-            fully_shard(layer)
-        return fully_shard(module)
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(module, mp_policy=policy)
     raise ValueError(f"trainer.parallel: must be ddp or fsdp, got '{parallel}'")
 
 
@@ -237,11 +242,19 @@ def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Gradient clipping that also works on FSDP2's sharded gradients (the norm is computed over all shards)."""
+    """Gradient clipping that also works on FSDP2's sharded gradients (the norm is computed over all shards).
+    A non-finite norm leaves the gradients alone (the caller skips the step)."""
     params = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
     if is_sharded(total):
         total = total.full_tensor()
-    if max_norm != float("inf"):
+    if max_norm != float("inf") and torch.isfinite(total):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def agree_finite(norm, d: Dist) -> bool:
+    """Whether the gradient norm is finite on every rank: the skip-or-step decision must be the same everywhere
+    (one MAX all-reduce with several ranks)."""
+    bad = 0.0 if torch.isfinite(torch.as_tensor(norm)) else 1.0
+    return d.all_reduce([bad], op="max")[0] == 0.0

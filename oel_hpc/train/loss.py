@@ -78,6 +78,51 @@ def _topk_kl_and_grad(lp_S: torch.Tensor, lq_S: torch.Tensor, renormalize: bool,
     return (p * (a - b)).sum(), g / normalizer
 
 
+def topk_lowest_id(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices [..., k] of the k largest entries of each row of x [..., n], ties at the k-th value broken
+    towards the lower index, in ascending index order: THE tie rule of every loss implementation (the fused
+    kernels' keys order equal values by lower id too), so the selected set is a function of x alone and the same
+    on any device, chunking or tensor-parallel split.
+
+    torch.topk leaves the choice among equal values open. It is kept where it cannot matter: a top-(k+1) shows
+    which rows have the k-th and (k+1)-th values equal (a tie across the cut; frequent with bf16 logits), and only
+    those rows are redone — the entries strictly above the k-th value, then the lowest indices equal to it — in
+    blocks of rows, so the extra memory stays a fraction of the [c, n] input's."""
+    if x.dim() != 2:  # leading dimensions as rows
+        return topk_lowest_id(x.reshape(-1, x.size(-1)), k).view(*x.shape[:-1], k)
+    c, n = x.shape
+    if k == n:
+        return torch.arange(n, device=x.device).expand(c, n).clone()
+    vals, ids = x.topk(k + 1, dim=-1, sorted=False)
+    last = vals.argmin(-1, keepdim=True)  # the (k+1)-th largest (one of them, if tied): moved to the end, dropped
+    cut = vals.gather(-1, last)
+    vals.scatter_(-1, last, vals[:, -1:].clone())
+    ids.scatter_(-1, last, ids[:, -1:].clone())
+    vals, ids = vals[:, :k], ids[:, :k].contiguous()
+    thr = vals.amin(-1, keepdim=True)  # the k-th largest
+    split = (thr == cut).squeeze(-1)
+    if not split.any():
+        return ids.sort(-1).values
+    above = vals > thr
+    n_above = above.sum(-1)
+    # in the rows to redo: the ids above the k-th value first (any order); the lowest tied indices fill the rest
+    front = above.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+    ids = torch.where(split[:, None], ids.gather(-1, front), ids)
+    step = max(1, c // 8)
+    for b in range(0, c, step):
+        if not split[b:b + step].any():
+            continue
+        tied = x[b:b + step] == thr[b:b + step]  # x[b:b + step] is a view: no copy
+        row, col = tied.nonzero(as_tuple=True)  # row-major: ascending indices within a row
+        count = torch.bincount(row, minlength=tied.size(0))
+        rank = torch.arange(row.numel(), device=x.device) - (count.cumsum(0) - count)[row]
+        row = row + b
+        take = split[row] & (rank < (k - n_above)[row])
+        row, col, rank = row[take], col[take], rank[take]
+        ids.view(-1)[row * k + n_above[row] + rank] = col
+    return ids.sort(-1).values
+
+
 def topk_reverse_kl_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
                               k: int, temperature: float, renormalize: bool = False) -> torch.Tensor:
     """Plain version on full [B, L, V] logits: token mean of ℓ_t over mask. Test oracle and "naive" baseline."""
@@ -89,7 +134,8 @@ def topk_reverse_kl_reference(student_logits: torch.Tensor, teacher_logits: torc
         raise ValueError("no valid response tokens (mask is all False)")
     lp = F.log_softmax(_fp32(student_logits) / temperature, dim=-1)
     lq = F.log_softmax(_fp32(teacher_logits.detach()) / temperature, dim=-1)
-    ids = lp.detach().topk(k, dim=-1).indices
+    # selected on the scaled logits, as the production paths do (log-probs could round distinct logits together)
+    ids = topk_lowest_id(_fp32(student_logits.detach()) / temperature, k)
     loss_t = _topk_kl(lp.gather(-1, ids), lq.gather(-1, ids), renormalize)
     return loss_t[mask].sum() / mask.sum()
 
@@ -157,10 +203,10 @@ class _ChunkedTopKReverseKL(GradientsFromForward):
             # teacher: lq in buf_b, its entropy from its probabilities in buf_a
             lq = _logits_into(buf_b[:n], ht[i:j], Wt, temperature)
             ent_t -= torch.dot(_log_softmax_(lq, buf_a[:n]).view(-1), lq.view(-1))
-            # student: top-k ids (of the logits: the same as of the log-probs), the teacher's log-probs there;
-            # then lp in buf_a and its probabilities in buf_b, which lq no longer needs
+            # student: top-k ids (of the logits: the same as of the log-probs; ties to the lowest id), the
+            # teacher's log-probs there; then lp in buf_a and its probabilities in buf_b, which lq no longer needs
             lp = _logits_into(buf_a[:n], hs[i:j], Ws, temperature)
-            ids = lp.topk(k, dim=-1, sorted=False).indices
+            ids = topk_lowest_id(lp, k)
             b = lq.gather(-1, ids)
             p_full = _log_softmax_(lp, buf_b[:n])
             a = lp.gather(-1, ids)

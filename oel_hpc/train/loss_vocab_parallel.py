@@ -10,7 +10,8 @@ needs the whole vocabulary is rebuilt from per-shard pieces that are small:
 - the student's top-k: the global top-k lies within the union of the per-shard top-k's, so each shard sends at most
   k candidates (value, global id) and every rank merges the same gathered list. Ties are broken towards the lower
   global id, in the shard *and* in the merge, so every rank picks the same set and it is the set a single device
-  would pick under that rule (a rank-dependent choice would give different losses on different ranks).
+  would pick (loss.py's topk_lowest_id, the rule of every implementation; a rank-dependent choice would give
+  different losses on different ranks).
 - the teacher's log-probs at S: only the owner of an id has its logit; the others add exact zeros (all-reduce).
 
 Per chunk of c positions the forward makes three collectives: an all-gather of [c, min(k, Vs) + 6] floats
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from oel_hpc.train.loss import (GradientsFromForward, LossOutput, _fp32, _logits_into, _topk_kl_and_grad, check_inputs,
-                               topk_reverse_kl)
+                               topk_lowest_id, topk_reverse_kl)
 
 _N_STATS = 3  # per shard and model: max, Σ e^{z−max}, Σ e^{z−max}(z−max)
 # all_gather_into_tensor is deprecated from torch 2.13 in favour of all_gather_single, which older torch lacks
@@ -47,18 +48,6 @@ def _group_shape(group) -> tuple[int, int]:
     if rank < 0:
         raise ValueError("this process is not a member of the tensor-parallel group")
     return tp, rank
-
-
-def _topk_lowest_id(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Column indices [c, k] of the k largest entries of each row of x [c, n], ties broken towards the lower index,
-    in ascending index order. torch.topk leaves the choice among ties open; this makes it a function of x alone."""
-    top = x.topk(k, dim=-1, sorted=False).values
-    thr = top.amin(-1, keepdim=True)  # the k-th largest value
-    need = k - (top > thr).sum(-1, keepdim=True)  # how many of the entries equal to thr to take
-    at = x == thr
-    take = (x > thr) | (at & (at.cumsum(-1, dtype=torch.int32) <= need))  # exactly k per row
-    key = torch.arange(x.size(-1), 0, -1, device=x.device, dtype=torch.int32)  # larger for lower index
-    return torch.where(take, key, 0).topk(k, dim=-1).indices  # k distinct positive keys: no ties left
 
 
 def _shard_stats_(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -116,7 +105,7 @@ class _VocabParallelTopKReverseKL(GradientsFromForward):
             send_ids = torch.full((c, kk), tp * Vs, dtype=torch.long, device=dev)  # never selected: value −inf
             z = _logits_into(z_buf[:c], hs[i:j], Wr, temperature)
             if n_real:
-                local = _topk_lowest_id(z, min(k, n_real))
+                local = topk_lowest_id(z, min(k, n_real))
                 send[:, :local.size(1)] = z.gather(-1, local)
                 send_ids[:, :local.size(1)] = local + lo
             stats_s = _shard_stats_(z, scratch[:c])  # z is now z − m_s
@@ -132,7 +121,7 @@ class _VocabParallelTopKReverseKL(GradientsFromForward):
             lse_s, h_s = _combine(got[..., kk:kk + _N_STATS])
             lse_t, h_t = _combine(got[..., kk + _N_STATS:])
             cand = got[..., :kk].reshape(c, tp * kk)
-            pos = _topk_lowest_id(cand, k)
+            pos = topk_lowest_id(cand, k)
             ids = got_ids.view(tp, c, kk).transpose(0, 1).reshape(c, tp * kk).gather(-1, pos)
             lp_S = cand.gather(-1, pos) - lse_s[:, None]
             # the teacher's logits at S: the owner's value plus exact zeros from the others

@@ -18,9 +18,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from transformers import AutoModelForCausalLM
 
-from oel_hpc.engines.hf import DTYPES
 from oel_hpc.train import checkpoint, distributed
 from oel_hpc.train.loss import topk_reverse_kl
+from oel_hpc.train.precision import Precision, fresh_adam_steps
 
 
 def pad_batch(sequences: list[list[int]], response_lens: list[int], pad_id: int, device):
@@ -54,17 +54,23 @@ class Distiller(torch.nn.Module):
     """One micro-batch's loss inside one forward: the student's decoder, then the chunked top-k reverse KL against
     the teacher's hidden states and LM head. Inside `forward`, DDP and FSDP2 see every use of the student's weights
     (its LM head included): DDP's gradient hooks and FSDP2's all-gathers work as for any model.
+    Mixed precision (train/precision.py): the decoder runs under autocast; the loss, outside it, gets the hidden
+    states and the head weight in the compute dtype (its softmax math is fp32 anyway), so it sees the same inputs
+    whether the weights are float32 (autocast) or gathered in 16 bits (FSDP2's policy); the casts' backward
+    returns float32 gradients to the float32 weights.
     Returns (loss, Σ kl, Σ student entropy, Σ teacher entropy) over the micro-batch's response tokens."""
 
-    def __init__(self, student):
+    def __init__(self, student, precision: Precision):
         super().__init__()
-        self.student = student
+        self.student, self.precision = student, precision
 
     def forward(self, ids, attention, positions, teacher_hidden, teacher_head, normalizer, *, k: int,
                 temperature: float, renormalize: bool, chunk_size: int, impl: str = "auto"):
-        h = decoder_hidden(self.student, ids, attention, positions)
-        out = topk_reverse_kl(h, self.student.lm_head.weight, teacher_hidden, teacher_head, k=k,
-                              temperature=temperature, renormalize=renormalize, chunk_size=chunk_size,
+        with self.precision.autocast(teacher_hidden.device):
+            h = decoder_hidden(self.student, ids, attention, positions)
+        compute = self.precision.compute
+        out = topk_reverse_kl(h.to(compute), self.student.lm_head.weight.to(compute), teacher_hidden, teacher_head,
+                              k=k, temperature=temperature, renormalize=renormalize, chunk_size=chunk_size,
                               normalizer=normalizer, impl=impl)
         return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
 
@@ -75,23 +81,29 @@ class TorchTrainer:
     def __init__(self, cfg, base: Path, d: distributed.Dist, lr: float, weight_decay: float):
         self.d, self.parallel = d, cfg.trainer.parallel
         self.fsdp = d.enabled and self.parallel == "fsdp"
-        self.student = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[cfg.trainer.dtype]).to(d.device)
+        self.precision = p = Precision.from_config(cfg.trainer)
+        # the student holds the master weights; the frozen teacher is loaded in the compute dtype directly (no
+        # transient master-size copy)
+        self.student = AutoModelForCausalLM.from_pretrained(base, dtype=p.master).to(d.device)
         self.vocab_size = self.student.config.vocab_size
-        self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
-        # FSDP2: the student's weights live in shards; sampling runs on a full copy refreshed before every step
-        # (generation lengths differ across ranks, so it must not need collectives)
-        self.sampler = copy.deepcopy(self.teacher) if self.fsdp else self.student
-        self.model = distributed.wrap(Distiller(self.student), distributed.decoder_layers(self.student),
-                                      self.parallel, d)
+        self.teacher = AutoModelForCausalLM.from_pretrained(base, dtype=p.compute).to(d.device)
+        self.teacher.eval().requires_grad_(False)
+        # the student samples from its current weights, as they are when it holds them whole in the compute dtype;
+        # else from a full copy in the compute dtype refreshed before every step (FSDP2: the weights live in
+        # shards, and generation lengths differ across ranks, so sampling must not need collectives)
+        self.sampler = copy.deepcopy(self.teacher) if self.fsdp or p.mixed else self.student
+        self.model = distributed.wrap(Distiller(self.student, p), distributed.decoder_layers(self.student),
+                                      self.parallel, d, mixed_compute=p.compute if p.mixed else None)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=weight_decay)
         self.dp_rank, self.dp_size = d.rank, d.world_size
         self.student.train()
 
     def describe(self) -> str:
-        return f"{self.d.world_size} ranks ({self.parallel})" if self.d.enabled else "1 process"
+        where = f"{self.d.world_size} ranks ({self.parallel})" if self.d.enabled else "1 process"
+        return f"{where}, {self.precision.describe()}"
 
     def refresh_sampler(self) -> None:
-        if self.fsdp:
+        if self.sampler is not self.student:
             distributed.copy_full_weights(self.student, self.sampler)
 
     def forward_passes(self, n: int) -> int:
@@ -107,7 +119,8 @@ class TorchTrainer:
 
     @torch.no_grad()
     def teacher_hidden(self, sequences, lens, pad_id) -> torch.Tensor:
-        return response_hidden(self.teacher, sequences, lens, pad_id)
+        with self.precision.autocast(self.d.device):  # as the student's forward
+            return response_hidden(self.teacher, sequences, lens, pad_id).to(self.precision.compute)
 
     def accumulate(self, last: bool):
         """DDP: all-reduce gradients only in the last micro-batch's backward."""
@@ -118,14 +131,22 @@ class TorchTrainer:
         return self.model(ids, attention, positions, teacher_hidden, self.teacher.lm_head.weight, normalizer,
                           **loss_args)
 
-    def optimizer_step(self, grad_clip: float) -> float:
+    def optimizer_step(self, grad_clip: float) -> tuple[float, bool]:
+        """Clip and step; returns (the gradient norm before clipping, whether the step was taken). A non-finite
+        norm skips the update: no weight or optimizer state changes (every rank sees the same norm: DDP's
+        gradients and FSDP2's norm are reduced over all ranks)."""
         norm = distributed.clip_grad_norm(self.student.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        finite = distributed.agree_finite(norm, self.d)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
+        return norm.item(), finite
 
     def checkpoint_state(self) -> dict:
+        never_stepped = not self.optimizer.state
         model_state, optim_state = get_state_dict(self.student, self.optimizer)
+        if never_stepped:  # get_state_dict created the state with a zero-lr step: make it a fresh one again
+            fresh_adam_steps(self.optimizer)
         return {"model": model_state, "optimizer": optim_state}
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -133,13 +154,21 @@ class TorchTrainer:
                        optim_state_dict=state["optimizer"])
 
     def checkpoint_meta(self) -> dict:
-        return {"trainer": self.name, "parallel": self.parallel if self.d.enabled else None}
+        return {"trainer": self.name, "parallel": self.parallel if self.d.enabled else None, **self.precision.meta()}
 
     def check_checkpoint(self, meta: dict, path: Path) -> None:
         if meta.get("trainer", "torch") != self.name:
             raise RuntimeError(f"{path} was written by trainer={meta['trainer']}, this is trainer={self.name}")
+        self.precision.check_meta(meta, path)
 
     def export(self, tokenizer, out_dir: Path) -> None:
+        """The master weights as a Hugging Face folder in trainer.export_dtype (the end of training: the student
+        may be cast in place)."""
         full = checkpoint.full_model_state(self.student, self.d) if self.fsdp else None  # a collective
-        if self.d.is_main:
-            checkpoint.export_hf(self.student, tokenizer, out_dir, state_dict=full)
+        if not self.d.is_main:
+            return
+        model = self.student
+        if full is not None:  # FSDP2: the gathered weights into the sampler, a plain HF model no longer needed
+            model = self.sampler.to(device="cpu", dtype=self.precision.export)
+            model.load_state_dict(full)
+        checkpoint.export_hf(model.to(self.precision.export), tokenizer, out_dir)

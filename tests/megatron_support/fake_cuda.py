@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import runpy
 import sys
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -65,10 +66,13 @@ def resolve_as_on_gpu() -> None:
     import oel_hpc.megatron.trainer as trainer
 
     real = trainer.resolve
-    trainer.resolve = lambda kind, device, dtype: real(kind, "cuda", dtype)
+    trainer.resolve = lambda kind, device, *dtypes: real(kind, "cuda", *dtypes)
 
 
 if __name__ == "__main__":
+    # the checkout this file belongs to, before any installed copy: run as a script, Python puts this folder (not
+    # the working directory) first on sys.path, and an editable install elsewhere would win
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     install()
     resolve_as_on_gpu()
     sys.argv = ["oel_hpc.worker", *sys.argv[1:]]
