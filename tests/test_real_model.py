@@ -44,10 +44,10 @@ def test_smollm2_round_through_every_stage(tmp_path):
         assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
         assert "every experience" in out.stderr and "is empty" in out.stderr, out.stderr[-2000:]
         assert not (run / "round_1/consolidate/DONE").exists()
-        lessons = tmp_path / "lessons.txt"
-        lessons.write_text("- Answer with one move in square brackets, for example [right] or [down].\n"
-                           "- H is a hole: never step on H. G is the goal.\n")
-        out = oel(tmp_path, f"gather.source={lessons}", "run.overwrite=true")
+        (tmp_path / "lessons.txt").write_text("- Answer with one move in square brackets, for example [right].\n"
+                                              "- H is a hole: never step on H. G is the goal.\n")
+        (tmp_path / "experience_list.txt").write_text("lessons.txt\n")  # gather.source names experience files
+        out = oel(tmp_path, f"gather.source={tmp_path / 'experience_list.txt'}", "run.overwrite=true")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     # every stage's records, from the real model
