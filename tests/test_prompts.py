@@ -357,7 +357,7 @@ def test_cli_bad_prompt_set_one_line_exit_2(my_conf, tmp_path):
                                   "['round']; allowed ['turn']")
     assert not (tmp_path / "runs").exists()
     out = oel("prompts=mine", "--cfg", "job", cwd=tmp_path)  # not on the search path: unknown
-    assert out.returncode == 2 and "unknown prompts 'mine' (available: default)" in out.stderr
+    assert out.returncode == 2 and "unknown prompts 'mine' (available: chat, default)" in out.stderr
 
 
 # -- the recipes --------------------------------------------------------------------------------------------------
