@@ -203,6 +203,7 @@ def tp2_dp2(base, tmp_path_factory):
 
 
 @needs_megatron
+@pytest.mark.slow
 def test_distributed_optimizer_gives_the_adamw_weights(tp2_dp2):
     adamw, distributed, _ = tp2_dp2
     assert _max_diff(adamw, distributed) <= 1e-6  # measured 7e-8
@@ -225,6 +226,7 @@ def test_distributed_optimizer_gives_the_adamw_weights(tp2_dp2):
 
 
 @needs_megatron
+@pytest.mark.slow
 def test_distributed_checkpoint_resumes_exactly_and_refuses_what_it_cannot_load(tp2_dp2, tmp_path):
     _, distributed, _ = tp2_dp2
     run = cut(distributed, tmp_path / "a", keep=1)
@@ -251,6 +253,7 @@ def test_distributed_checkpoint_exports_for_evaluation(tp2_dp2):
 
 
 @needs_megatron
+@pytest.mark.slow
 def test_bf16_master_weights_resume_from_the_optimizer_shards(base, tmp_path):
     """bf16 compute: the fp32 master weights exist only in the optimizer shards; a resumed run must continue from
     them, not from the bf16 model weights (tp=1 x dp=2), and the export is theirs (float32: trainer.export_dtype

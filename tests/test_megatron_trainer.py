@@ -166,6 +166,7 @@ def test_config_errors_before_anything_runs(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_tiny_round_on_the_slurm_test_cluster_at_tp2(tmp_path):
     """`python -m oel_hpc trainer=megatron trainer.tp=2 cluster=local_slurm`: the preset's consolidation job (1 node
     x 2 tasks) runs as one TP group of 2; the round completes and its weights are the torch backend's."""

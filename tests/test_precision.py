@@ -439,6 +439,7 @@ def test_consolidation_fails_when_every_step_is_skipped(small_run, tmp_path):
     assert [r["skipped"] for r in rows] == [True, True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "megatron"])
 def test_mixed_precision_checkpoint_resumes_exactly(small_run, tmp_path, backend):
     """bf16 compute: the checkpoint holds the float32 master weights and optimizer state (megatron adamw: beside

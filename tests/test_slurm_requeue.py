@@ -54,6 +54,7 @@ def megatron_reference(run, tmp_path):
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["torch", "megatron"])
 def test_usr2_at_a_random_step_requeues_and_resumes_to_the_same_weights(tmp_path, trainer):
     # the reference: the same config, uninterrupted, in one local process (megatron: 2 ranks under torchrun)
