@@ -16,18 +16,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from oel_hpc.errors import ConfigError  # noqa: F401  (raised by validate; imported from here by older code)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
 ASSETS_DIR = PACKAGE_DIR / "assets"
 GROUPS = ("env", "model", "engine", "trainer", "cluster", "experiment", "prompts")
-
-
-class ConfigError(ValueError):
-    """Bad input: `key` names the config key or file at fault."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 @dataclass

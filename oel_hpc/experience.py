@@ -18,13 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from oel_hpc.errors import ConfigError, EmptyExperience, MissingInput  # noqa: F401  (EmptyExperience: raised by consolidation)
+
 THINK_END = "</think>"
 MODES = ("items", "free_text")
 FREE_TEXT_SEPARATOR = "\n\n"
-
-
-class EmptyExperience(RuntimeError):
-    """Every experience is empty: distilling it would train on a loss that is identically zero."""
 
 
 def answer_part(response: str) -> str:
@@ -146,7 +144,7 @@ def sha256_text(text: str) -> str:
 def load_experience_list(list_file: Path, run_dir: Path) -> tuple[list[ExperienceEntry], list[str]]:
     """Entries and their texts; a missing list, a missing or altered file, or an empty list is an error."""
     if not list_file.is_file():
-        raise FileNotFoundError(f"experience list {list_file} does not exist (has the gather stage run?)")
+        raise MissingInput(list_file, f"experience list {list_file} does not exist (has the gather stage run?)")
     rows = json.loads(list_file.read_text())
     if not rows:
         raise ValueError(f"experience list {list_file} has no entries")
@@ -155,7 +153,7 @@ def load_experience_list(list_file: Path, run_dir: Path) -> tuple[list[Experienc
         entry = ExperienceEntry(**row)
         path = run_dir / entry.path
         if not path.is_file():
-            raise FileNotFoundError(f"experience file {path} (listed in {list_file}) does not exist")
+            raise MissingInput(path, f"experience file {path} (listed in {list_file}) does not exist")
         text = path.read_text()
         if sha256_text(text) != entry.sha256:
             raise ValueError(f"experience file {path} changed since {list_file} was written (sha256 differs)")
@@ -171,7 +169,6 @@ def entry_dict(entry: ExperienceEntry) -> dict:
 def read_source(path: Path, key: str = "gather.source") -> list[tuple[Path, str]]:
     """Experience files named by a user: a JSON list as gather writes it (paths relative to the list's folder or
     absolute) or a text file with one path per line. Every file must exist and at least one must hold an item."""
-    from oel_hpc.config import ConfigError
 
     if not path.is_file():
         raise ConfigError(key, f"experience list {path} does not exist")

@@ -13,6 +13,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from oel_hpc.errors import StageConflict  # noqa: F401  (raised by plan)
 from oel_hpc.rundir import RunPaths, config_hash, read_done, sha256_file, write_json_atomic
 
 STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
@@ -26,10 +27,6 @@ STAGE_KEYS = {
     "evaluate": ("env", "prompts", "evaluate", "engine", "consolidate.steps", "consolidate.save_freq",
                  "pipeline.seed"),
 }
-
-
-class StageConflict(RuntimeError):
-    pass
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from oel_hpc.errors import ConfigError, PromptTooLong
 from oel_hpc.games import join_blocks
 from oel_hpc.games.text import END_REASONS, TextTableError, check_game_text
 
@@ -41,10 +42,6 @@ class Ending:
     final_block: str
 
 
-class PromptTooLong(ValueError):
-    pass
-
-
 def prompt_budgets(cfg: Any) -> tuple[int, int]:
     """(game turn, extractor) prompt budgets in tokens. A turn prompt holds the experience and at most
     env.max_turns log blocks; the extractor's holds the experience so far, every turn's block and full response
@@ -57,7 +54,6 @@ def prompt_budgets(cfg: Any) -> tuple[int, int]:
 def check_context(cfg: Any, context: int) -> None:
     """A prompt at its budget plus the new tokens it may get must fit the model's context (max_position_embeddings):
     beyond it a model's output is not what it was trained for."""
-    from oel_hpc.config import ConfigError
 
     turn, extractor = prompt_budgets(cfg)
     new = max(cfg[stage].sampling.max_new_tokens for stage in ("extract", "deploy", "consolidate", "evaluate"))
@@ -79,7 +75,6 @@ def template_fields(text: str) -> set[str]:
 
 def check_template(name: str, text: str) -> None:
     """A template must use exactly its placeholders: a typo would otherwise drop the game log silently."""
-    from oel_hpc.config import ConfigError
 
     try:
         fields = template_fields(text)
@@ -95,7 +90,6 @@ def check_template(name: str, text: str) -> None:
 
 def check_wording(name: str, table: Any, keys: Sequence[str]) -> None:
     """A plain wording table (prompts.outcomes, prompts.end_reasons): exactly `keys`, each a non-empty string."""
-    from oel_hpc.config import ConfigError
 
     key = f"prompts.{name}"
     if not isinstance(table, dict):
@@ -110,7 +104,6 @@ def check_wording(name: str, table: Any, keys: Sequence[str]) -> None:
 def check_prompts(prompts: Any, free_text: bool) -> None:
     """Every template and wording table of a prompt set (`prompts` config section); ConfigError names the key.
     `free_text`: experience.mode is free_text, so prompts.extractor_free_text must be given."""
-    from oel_hpc.config import ConfigError
 
     for name in REQUIRED_FIELDS:
         text = _get(prompts, name)
@@ -132,7 +125,6 @@ def check_prompts(prompts: Any, free_text: bool) -> None:
 
 
 def _get(prompts: Any, name: str) -> Any:
-    from oel_hpc.config import ConfigError
 
     if OmegaConf.is_config(prompts) and OmegaConf.is_missing(prompts, name):
         raise ConfigError(f"prompts.{name}", "missing: every prompt set gives it (conf/prompts/default.yaml lists "
@@ -180,7 +172,6 @@ class PromptBuilder:
         """The extractor's lines on how the game ended: its last block and the reason, in the prompt set's words."""
         t = self.templates
         if ending.reason not in t.end_reasons:
-            from oel_hpc.config import ConfigError
 
             raise ConfigError("prompts.end_reasons", f"has no wording for the end reason '{ending.reason}' "
                               f"(it words: {', '.join(t.end_reasons)})")

@@ -24,6 +24,8 @@ from __future__ import annotations
 import string
 from typing import Any, Mapping
 
+from oel_hpc.errors import ConfigError
+
 from . import frozen_lake, sokoban
 from .protocol import END_REASONS, LOG_TEXT
 
@@ -31,12 +33,8 @@ GAME_MODULES = {"frozenlake": frozen_lake, "sokoban": sokoban}
 __all__ = ["END_REASONS", "GAME_MODULES", "TextTableError", "check_game_text", "check_section", "default_game_text"]
 
 
-class TextTableError(ValueError):
+class TextTableError(ConfigError):
     """A wording table breaks a rule; `key` is the dotted path inside the table."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 def default_game_text() -> dict[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.config import ConfigError
+from oel_hpc.errors import ConfigError
 
 # Characters an #SBATCH value may carry without quotes (sbatch splits on blanks, strips quotes, and a '#'
 # starts a comment).

@@ -26,6 +26,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from oel_hpc.errors import SlurmError
+
 from oel_hpc.launch import render
 from oel_hpc.pipeline import (Manifest, Node, StageConflict, clear_outputs, now, plan, task_state)
 from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
@@ -34,10 +36,6 @@ IN_FLIGHT = {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "R
              "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
 NEVER_REASONS = {"DependencyNeverSatisfied"}
 TIMEOUT_S = 60
-
-
-class SlurmError(RuntimeError):
-    """A Slurm command failed (its message names the command and Slurm's answer)."""
 
 
 class Slurm:

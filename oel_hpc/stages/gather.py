@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from oel_hpc.errors import MissingInput
 from oel_hpc.experience import ExperienceEntry, entry_dict, read_source, sha256_text
 from oel_hpc.rundir import mark_done, write_json_atomic, write_text_atomic
 from oel_hpc.stages.common import StageContext
@@ -34,5 +35,5 @@ def _sources(cfg, paths, r: int):
     for seed in range(cfg.extract.seeds):
         path = paths.experience(r, seed, step)
         if not path.is_file():
-            raise FileNotFoundError(f"gather: {path} does not exist (did extraction seed {seed} reach step {step}?)")
+            raise MissingInput(path, f"gather: {path} does not exist (did extraction seed {seed} reach step {step}?)")
         yield seed, step, path, path.read_text()

@@ -29,6 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from oel_hpc.errors import MissingInput
 from oel_hpc.rundir import RunPaths, replace_dir_atomic, write_json_atomic, write_text_atomic
 
 META = "meta.json"
@@ -170,7 +171,7 @@ def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
     if (out / "config.json").is_file():
         return out
     if not (paths.ckpt(r, step) / META).is_file():
-        raise FileNotFoundError(f"{paths.ckpt(r, step)} is not a complete checkpoint")
+        raise MissingInput(paths.ckpt(r, step), f"{paths.ckpt(r, step)} is not a complete checkpoint")
     base = model_path(cfg, paths, r)
     # in trainer.export_dtype, as the final export (the checkpoint's weights are cast on load)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=Precision.from_config(cfg.trainer).export)

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from oel_hpc.engines.hf import HFEngine
-from oel_hpc.experience import EmptyExperience, load_experience_list
+from oel_hpc.errors import AllStepsSkipped, EmptyExperience
+from oel_hpc.experience import load_experience_list
 from oel_hpc.games import make_game
 from oel_hpc.pipeline import model_path
 from oel_hpc.rollout import derive_seed
@@ -52,10 +53,6 @@ def micro_batches(samples: list[Sample], max_tokens: int) -> list[list[Sample]]:
         current.append(s)
         longest = max(longest, length)
     return batches + [current] if current else batches
-
-
-class AllStepsSkipped(RuntimeError):
-    """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
 
 
 def build_trainer(cfg, base, d: distributed.Dist):

@@ -16,17 +16,9 @@ import subprocess
 import sys
 from typing import Optional
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run the same task again to resume
+from oel_hpc.errors import EXIT_PREEMPTED, Preempted  # noqa: F401  (raised here; the exit status it ends with)
+
 REQUEUE_SIGNALS = ("SIGUSR2",)
-
-
-class Preempted(Exception):
-    """Training stopped early at a step boundary; its state is in `checkpoint`."""
-
-    def __init__(self, step: int, signal_name: str, checkpoint, requeued: bool):
-        self.step, self.signal_name, self.checkpoint, self.requeued = step, signal_name, checkpoint, requeued
-        how = "the Slurm job is requeued and will resume there" if requeued else "run it again to resume there"
-        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; {how}")
 
 
 class StopSignals:

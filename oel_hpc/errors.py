@@ -1,0 +1,87 @@
+"""Every error oel_hpc raises on purpose, and the exit status it ends a command with.
+
+One rule for every entry point (`python -m oel_hpc`, the worker a Slurm job runs, `python -m oel_hpc.status`):
+0 done; 2 bad input, reported as one line naming the key or file at fault; 75 stopped early with a checkpoint
+(run the same command again, or let the requeued Slurm job, resume it); anything else a failure. An `OelError`
+is reported as one line; any other exception keeps its traceback, because it is a bug or a crash, not a verdict.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run the same task again to resume
+
+
+class OelError(Exception):
+    """An outcome oel_hpc reports in one line; `exit_code` is the command's exit status."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(OelError, ValueError):
+    """Bad input: `key` names the config key or file at fault."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class StageConflict(ConfigError):
+    """A stage finished under another config (or its old jobs are still queued): redoing it needs consent."""
+
+    def __init__(self, message: str, key: str = "run.name"):
+        OelError.__init__(self, message)  # the message names the stage and how to go on; no key prefix
+        self.key = key
+
+
+class EmptyExperience(ConfigError):
+    """Every experience is empty: distilling it would train on a loss that is identically zero."""
+
+    def __init__(self, message: str, key: str = "consolidate.allow_empty_experience"):
+        OelError.__init__(self, message)
+        self.key = key
+
+
+class PromptTooLong(ConfigError):
+    """A prompt does not fit its token budget even after dropping every older turn block."""
+
+    def __init__(self, message: str, key: str = "prompts"):
+        OelError.__init__(self, message)
+        self.key = key
+
+
+class MissingInput(ConfigError, FileNotFoundError):
+    """A file a stage reads does not exist (an upstream stage did not write it, or a configured path is wrong)."""
+
+    def __init__(self, path, message: str):
+        OelError.__init__(self, message)
+        self.key = str(path)
+
+
+class SlurmError(OelError):
+    """A Slurm command failed or refused a job (its message names the command and Slurm's answer). Exit 2: what
+    Slurm refuses is the submission's input (partition, account, limits), and nothing was left running."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class Preempted(OelError):
+    """Training stopped early at a step boundary; its state is in `checkpoint`."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, step: int, signal_name: str, checkpoint, requeued: bool):
+        self.step, self.signal_name, self.checkpoint, self.requeued = step, signal_name, checkpoint, requeued
+        how = "the Slurm job is requeued and will resume there" if requeued else "run it again to resume there"
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; {how}")
+
+
+class AllStepsSkipped(OelError):
+    """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
+
+
+def exit_code(error: BaseException) -> int:
+    return error.exit_code if isinstance(error, OelError) else EXIT_FAILURE
