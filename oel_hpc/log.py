@@ -21,7 +21,7 @@ _ROOT = "oel_hpc"
 class _Prefix(logging.Filter):
     """Adds `record.who`: the stage/task and rank this process works for, set once by `set_context`."""
 
-    who = ""
+    who, stage, rank, world = "", "", 0, 1
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.who = self.who
@@ -37,9 +37,15 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith(_ROOT) else f"{_ROOT}.{name}")
 
 
-def set_context(stage: Optional[str] = None, rank: Optional[int] = None, world: int = 1) -> None:
-    """Name the task (e.g. "r1/extract seed 3") and the rank (shown only when there are several) on every line."""
-    parts = [p for p in (stage, f"rank {rank}/{world}" if rank is not None and world > 1 else None) if p]
+def set_context(stage: Optional[str] = None, rank: Optional[int] = None, world: Optional[int] = None) -> None:
+    """Name the task (e.g. "r1/extract seed 3") and the rank on every line; what is not given stays as it was. The
+    rank shows only when there are several."""
+    if stage is not None:
+        _prefix.stage = stage
+    if rank is not None:
+        _prefix.rank, _prefix.world = rank, world or 1
+    rank_part = f"rank {_prefix.rank}/{_prefix.world}" if _prefix.world > 1 else None
+    parts = [p for p in (_prefix.stage, rank_part) if p]
     _prefix.who = f"[{' '.join(parts)}] " if parts else ""
 
 
