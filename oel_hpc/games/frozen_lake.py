@@ -26,10 +26,8 @@ BFS solver (``solvers.py``) and any offline re-play share one implementation.
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
-from .grid_env import GridGameEnv
 from .parsing import ACTIONS
 
 SIZE = 3
@@ -140,10 +138,3 @@ def generate(rng) -> FrozenLakeState:
         holes = tuple(sorted(cells[int(i)] for i in idx))
         if path_exists(holes):
             return FrozenLakeState(player=START, holes=holes)
-
-
-class FrozenLake3x3Env(GridGameEnv):
-    """Frozen Lake 3×3 as a gymnasium env (see GridGameEnv)."""
-
-    game_name = "frozenlake"
-    rules = sys.modules[__name__]

@@ -37,10 +37,8 @@ and the BFS solver.
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
-from .grid_env import GridGameEnv
 from .parsing import ACTIONS
 
 SIZE = 6
@@ -192,10 +190,3 @@ def generate(
             "".join("_" if (r, c) in floor_set else "#" for c in range(size)) for r in range(size)
         )
         return SokobanState(grid=grid, target=target, box=box, player=player)
-
-
-class Sokoban6x6Env(GridGameEnv):
-    """Sokoban 6×6 as a gymnasium env (see GridGameEnv)."""
-
-    game_name = "sokoban"
-    rules = sys.modules[__name__]
