@@ -1,4 +1,4 @@
-"""The games (DESIGN §1): Frozen Lake 3×3 and Sokoban 6×6 as gymnasium envs, the text protocol
+"""The games (docs/design.md, "The games"): Frozen Lake 3×3 and Sokoban 6×6 as gymnasium envs, the text protocol
 (:class:`TextGame`), action parsing, BFS solvers and seed lists. Torch-free by design.
 
 Two board generators (this project's and textarena 0.7.4's, seed for seed) and two seed schemes (this

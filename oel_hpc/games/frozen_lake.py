@@ -1,6 +1,6 @@
 """Frozen Lake 3×3: the paper's small grid-navigation game.
 
-Rules (DESIGN §1): 3×3 grid, the player starts top-left, the goal is bottom-right, exactly two
+Rules (docs/design.md): 3×3 grid, the player starts top-left, the goal is bottom-right, exactly two
 holes lie among the other seven cells, resampled until a hole-free path exists. Falling into a
 hole ends the game with reward 0; reaching the goal ends it with reward 1. Moving off the grid
 leaves the player in place but still counts as a move (the text protocol counts model calls);

@@ -1,4 +1,4 @@
-"""The text protocol: one model call = one ``TextGame.step(response_text)`` (DESIGN §1).
+"""The text protocol: one model call = one ``TextGame.step(response_text)`` (docs/design.md).
 
 Why a wrapper: rollouts, deploy and evaluation must all apply the *same* rules — the action is
 the last bracketed action anywhere in the response, a response without one is an invalid move

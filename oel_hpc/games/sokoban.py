@@ -1,6 +1,6 @@
 """Sokoban 6×6: the paper's small box-pushing puzzle.
 
-Rules (DESIGN §1): a 6×6 room including its border walls, one box, one target. The player moves
+Rules (docs/design.md): a 6×6 room including its border walls, one box, one target. The player moves
 one cell per action and pushes the box by walking into it, if the cell behind the box is free
 (a wall blocks the push; boxes cannot be pulled). The puzzle is solved (terminated, reward 1)
 when the box is on the target. There is no losing state, only running out of calls.
