@@ -53,13 +53,28 @@ def _install() -> None:
     logger = logging.getLogger(_ROOT)
     if getattr(logger, "_oel_installed", False):
         return
-    handler = logging.StreamHandler()  # sys.stderr as it is when a line is written (pytest swaps it)
+    handler = _Stderr()
     handler.setFormatter(_Formatter())
     handler.addFilter(_prefix)
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("OEL_LOG_LEVEL", "INFO").upper())
     logger.propagate = False
     logger._oel_installed = True
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a line is written, not when the handler was made (pytest swaps it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 class _Formatter(logging.Formatter):
