@@ -195,7 +195,7 @@ class Answer:
 Execute = Callable[[list[str], float, Optional[Path]], Answer]  # argv, timeout (s), cwd; raises TimeoutExpired
 
 
-def execute(argv: list[str], timeout: float, cwd: Optional[Path] = None) -> Answer:
+def run_command(argv: list[str], timeout: float, cwd: Optional[Path] = None) -> Answer:
     """Run a command found on PATH (tests put stand-ins for Slurm's commands there)."""
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
     return Answer(r.returncode, r.stdout, r.stderr)
@@ -231,7 +231,7 @@ class Runner:
             if shutil.which(argv[0]) is None:
                 raise SlurmError(f"{argv[0]} not found: run this on a Slurm login node (or start the test "
                                  "cluster: tools/slurm/start.sh)")
-            run = execute
+            run = run_command
         for attempt in range(1, self.attempts + 1):
             try:
                 answer = run(argv, self.timeout_s, self.cwd)

@@ -140,8 +140,7 @@ def _queued_tasks(slurm: Slurm, nodes: list[Node], old: dict[str, dict]) -> dict
     rows = slurm.queue(sorted({j for ids in known.values() for j in ids}, key=int))
     live: dict[str, Rows] = {}
     for n in nodes:
-        for (job, task), row in sorted(rows.items(), key=lambda kv: (int(kv[0][0]), kv[0][1] is not None,
-                                                                      kv[0][1] or 0)):
+        for (job, task), row in rows.items():
             if job in known[n.id] and in_queue(row["state"]):
                 live.setdefault(n.id, {}).setdefault(task if n.tasks is not None else None, []).append(
                     (job, task, row))
