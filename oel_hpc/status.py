@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -43,16 +43,22 @@ LABELS = {"extract": ("seed", "seeds"), "evaluate": ("step", "steps")}
 
 def query_slurm(bases: list[str]) -> tuple[dict, dict, list[str]]:
     """One sacct and one squeue call, run side by side: (sacct rows, squeue rows, problems)."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        asked = {"sacct": pool.submit(SLURM.accounting, bases), "squeue": pool.submit(SLURM.queue, bases)}
-    rows, problems = {}, []
-    for name, future in asked.items():
+    rows: dict[str, dict] = {"sacct": {}, "squeue": {}}
+    problems: dict[str, str] = {}
+
+    def ask(name: str, command) -> None:
         try:
-            rows[name] = future.result()
+            rows[name] = command(bases)
         except SlurmError as e:
-            rows[name] = {}
-            problems.append(str(e))
-    return rows["sacct"], rows["squeue"], problems
+            problems[name] = str(e)
+
+    threads = [threading.Thread(target=ask, args=(name, command), daemon=True)
+               for name, command in (("sacct", SLURM.accounting), ("squeue", SLURM.queue))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return rows["sacct"], rows["squeue"], [problems[n] for n in ("sacct", "squeue") if n in problems]
 
 
 # ---------------------------------------------------------------------------------------------------------------
