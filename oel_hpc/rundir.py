@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §2): where every file lives, atomic writes, and DONE markers.
+"""The run directory (docs/run-directory.md): where every file lives, atomic writes, and DONE markers.
 
 Every write goes to a temporary file in the same folder and is renamed into place, so a crash or a preempted
 job never leaves a half-written file behind. A DONE marker holds the stage's config hash and the sha256 of what

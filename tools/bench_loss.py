@@ -1,4 +1,4 @@
-"""Top-k reverse-KL loss through the LM head (DESIGN.md §1 "The loss"): time and peak extra memory of one
+"""Top-k reverse-KL loss through the LM head (docs/design.md, "The loss"): time and peak extra memory of one
 forward+backward, side by side, for
 
     naive    full [T × V] logits for student and teacher through `topk_reverse_kl_reference` (all T positions valid)
@@ -15,7 +15,7 @@ gradients of h and W, which every implementation must produce (printed below the
 --reps forward+backward steps after warm-up (pooled over --rounds interleaved runs); gradients are set to None between steps, as the trainer's
 zero_grad(set_to_none=True) does.
 
-    python tools/bench_loss.py                       # CPU: T 2048, H 512, V 32,000, k 256 (ANCHORS.md)
+    python tools/bench_loss.py                       # CPU: T 2048, H 512, V 32,000, k 256 (docs/results.md)
     python tools/bench_loss.py --shape gpu           # T 8192, H 2560, V 151,936, k 256 (default on CUDA)
     python tools/bench_loss.py --shape 64,32,500,16 --reps 1
     python tools/bench_loss.py --check               # assert naive, chunked (and fused on CUDA) agree

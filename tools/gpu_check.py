@@ -33,7 +33,7 @@ optionally).
    model FLOPs per step = 6 * P * T + 6 * L * T^2 * (heads * head_dim), T tokens, L layers, P the parameters of
    every matrix multiply (attention and MLP projections, plus the LM head once even when tied; no embedding
    lookup, no norms): forward + backward of the weights, plus causal attention (half of 12 * L * T^2 * d). This
-   reproduces the MFU figures of shared/ANCHORS.md (1.7B shape: P = 1.720e9, 11.73 GFLOP per token at T 4096).
+   reproduces the H200 MFU figures of docs/results.md (1.7B shape: P = 1.720e9, 11.73 GFLOP per token at T 4096).
    Not counted: the loss's recomputed student logits in backward and the teacher's logits (4 * H * V per token).
    Peak memory = ``torch.cuda.max_memory_allocated`` with the statistics reset after everything of the previous
    backend is freed (it includes the fixed teacher tensors, ~0.6 GiB, for both).

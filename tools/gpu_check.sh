@@ -8,13 +8,13 @@
 # fails, megatron-core is installed from a wheel carried in .wheels/ (into a private --target folder, nothing in
 # the image changes).
 #
-# Through the device tool (a machine with torch + CUDA + transformers, Python 3.12, no megatron-core, no internet):
-#   once, here, in the repository root (the wheel must match the device's Python, cp312; .wheels/ is git-ignored):
+# On a GPU machine with torch + CUDA + transformers but no megatron-core and no internet access:
+#   once, on a machine with internet access, in the repository root (the wheel must match the GPU machine's Python,
+#   here cp312; .wheels/ is git-ignored):
 #     pip download megatron-core==0.16.1 --no-deps --python-version 3.12 --implementation cp --only-binary :all: \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels
-#   then:
-#     run(command="set -o pipefail; bash tools/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log",
-#         carry=[".wheels"], timeout_s=540)
+#   then copy the checkout with its .wheels/ to the GPU machine and run there:
+#     set -o pipefail; timeout 540 bash tools/gpu_check.sh 2>&1 | tee gpu_check.log
 # Locally (CPU, tiny shape, every code path): bash tools/gpu_check.sh --cpu-smoke
 # Arguments are passed on to gpu_check.py (--steps N, --warmup N, --peak-tflops X, --skip-throughput, --cpu-smoke).
 set -euo pipefail

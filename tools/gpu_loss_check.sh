@@ -7,15 +7,14 @@
 # ≈ 6–8 minutes on one H100/H200 (most of it Triton and torch.compile compiling). Exit status: non-zero when a step
 # failed (its status is printed at the end); later steps still run.
 #
-# Needs torch + triton (the device image has both, and pytest) and, for the Liger row, liger-kernel: where it does
-# not import, its wheel is installed from .wheels/ (git-ignored) into a private folder. oel_hpc is not installed:
-# it runs from this checkout through PYTHONPATH. Through the device tool:
-#   once, here, in the repository root:
+# Needs torch + triton (and pytest) and, for the Liger row, liger-kernel: where it does not import, its wheel is
+# installed from .wheels/ (git-ignored) into a private folder. oel_hpc is not installed: it runs from this checkout
+# through PYTHONPATH. On a GPU machine without internet access:
+#   once, on a machine with internet access, in the repository root:
 #     pip download liger-kernel==0.8.5 --no-deps --only-binary :all: -d .wheels
-#   then:
-#     run(command="set -o pipefail; bash tools/gpu_loss_check.sh 2>&1 | tee $OUT/gpu_loss_check.log",
-#         carry=[".wheels"], timeout_s=570)
-# Here (CPU, small shapes, the script's plumbing; the fused kernels in Triton's interpreter):
+#   then copy the checkout with its .wheels/ to the GPU machine and run there:
+#     set -o pipefail; timeout 570 bash tools/gpu_loss_check.sh 2>&1 | tee gpu_loss_check.log
+# On a CPU (small shapes, the script's plumbing; the fused kernels in Triton's interpreter):
 #   bash tools/gpu_loss_check.sh --cpu-smoke
 set -uo pipefail
 

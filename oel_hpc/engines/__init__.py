@@ -4,14 +4,7 @@ Chosen by `engine.name`; heavy imports happen only when an engine is built.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # generated tokens up to and including the first EOS (no padding)
-    text: str  # decoded without special tokens; a thinking model's <think>...</think> stays in
-    finished: bool  # ended with EOS rather than at max_new_tokens
+from oel_hpc.engines.base import Completion  # noqa: F401  (the engines' result type)
 
 
 def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinking: bool):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                                      TopKLogitsWarper, TopPLogitsWarper)
 
-from oel_hpc.engines import Completion
+from oel_hpc.engines.base import Completion
 from oel_hpc.rollout import derive_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,4 +1,4 @@
-"""The games (DESIGN §1): Frozen Lake 3×3 and Sokoban 6×6 as gymnasium envs, the text protocol
+"""The games (docs/design.md, "The games"): Frozen Lake 3×3 and Sokoban 6×6 as gymnasium envs, the text protocol
 (:class:`TextGame`), action parsing, BFS solvers and seed lists. Torch-free by design.
 
 Two board generators (this project's and textarena 0.7.4's, seed for seed) and two seed schemes (this
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import gymnasium
 
-from .frozen_lake import FrozenLake3x3Env, FrozenLakeState
+from .envs import FrozenLake3x3Env, Sokoban6x6Env
+from .frozen_lake import FrozenLakeState
 from .grid_env import GENERATORS
 from .parsing import ACTIONS, ALIASES, action_id, parse_action
 from .protocol import LOG_SEPARATOR, TextGame, join_blocks
 from .seeds import SEED_SCHEMES, deploy_seeds, extract_seed, heldout_seeds, train_seed
-from .sokoban import Sokoban6x6Env, SokobanState
+from .sokoban import SokobanState
 from .solvers import optimal_actions, shortest_solution, solution_length
 
 GAMES: dict[str, str] = {
@@ -26,8 +27,8 @@ GAMES: dict[str, str] = {
 }
 
 _ENTRY_POINTS = {
-    "oel/FrozenLake3x3-v0": "oel_hpc.games.frozen_lake:FrozenLake3x3Env",
-    "oel/Sokoban6x6-v0": "oel_hpc.games.sokoban:Sokoban6x6Env",
+    "oel/FrozenLake3x3-v0": "oel_hpc.games.envs:FrozenLake3x3Env",
+    "oel/Sokoban6x6-v0": "oel_hpc.games.envs:Sokoban6x6Env",
 }
 
 

@@ -1,6 +1,6 @@
 """Frozen Lake 3×3: the paper's small grid-navigation game.
 
-Rules (DESIGN §1): 3×3 grid, the player starts top-left, the goal is bottom-right, exactly two
+Rules (docs/design.md): 3×3 grid, the player starts top-left, the goal is bottom-right, exactly two
 holes lie among the other seven cells, resampled until a hole-free path exists. Falling into a
 hole ends the game with reward 0; reaching the goal ends it with reward 1. Moving off the grid
 leaves the player in place but still counts as a move (the text protocol counts model calls);
@@ -26,10 +26,8 @@ BFS solver (``solvers.py``) and any offline re-play share one implementation.
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
-from .grid_env import GridGameEnv
 from .parsing import ACTIONS
 
 SIZE = 3
@@ -140,10 +138,3 @@ def generate(rng) -> FrozenLakeState:
         holes = tuple(sorted(cells[int(i)] for i in idx))
         if path_exists(holes):
             return FrozenLakeState(player=START, holes=holes)
-
-
-class FrozenLake3x3Env(GridGameEnv):
-    """Frozen Lake 3×3 as a gymnasium env (see GridGameEnv)."""
-
-    game_name = "frozenlake"
-    rules = sys.modules[__name__]

@@ -8,11 +8,13 @@ generator), and ``textarena``, the authors' game library's boards re-implemented
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Callable
 
 import gymnasium
 from gymnasium import spaces
 
 from .parsing import ACTIONS
+from .wording import check_section
 
 GENERATORS = ("oel", "textarena")
 
@@ -29,16 +31,15 @@ class GridGameEnv(gymnasium.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     game_name: str
     rules: ModuleType  # the game module: generate(rng), transition(state, action, text), render(state, symbols), ...
+    textarena_board: Callable  # seed → the state textarena 0.7.4 builds for that seed (staticmethod)
 
     def __init__(self, render_mode: str | None = None, generator: str = "oel", text: dict | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
-        from .text import check_section  # text.py imports the game modules, which import this one
-
         table = {"symbols": self.rules.SYMBOLS, **self.rules.TEXT} if text is None else text
-        check_section(self.game_name, table)
+        check_section(self.game_name, table, {"symbols": self.rules.SYMBOLS, **self.rules.TEXT})
         self.symbols = dict(table["symbols"])
         self.messages = {k: v for k, v in table.items() if k != "symbols"}
         self.render_mode = render_mode
@@ -61,10 +62,8 @@ class GridGameEnv(gymnasium.Env):
         if self.generator == "textarena":
             # textarena seeds its generators with the game seed itself; an unseeded reset draws one from the
             # env's generator, so reset() after reset(seed=s) is still reproducible
-            from .textarena_boards import BOARDS  # imported here: it imports the game modules
-
             board_seed = seed if seed is not None else int(self.np_random.integers(2**32))
-            self._state = BOARDS[self.game_name](board_seed)
+            self._state = self.textarena_board(board_seed)
         else:
             self._state = self.rules.generate(self.np_random)
         self._done = False

@@ -1,6 +1,6 @@
 """Action parsing: the protocol's single rule for turning a model response into a move.
 
-DESIGN §1: the action is the **last** bracketed action anywhere in the response, reasoning
+The protocol (docs/design.md): the action is the **last** bracketed action anywhere in the response, reasoning
 (``<think>…</think>``) included; a response without one is an invalid move. Keeping the rule
 in one function means rollouts, tests and any offline re-scoring of saved responses agree.
 

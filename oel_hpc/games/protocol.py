@@ -1,4 +1,4 @@
-"""The text protocol: one model call = one ``TextGame.step(response_text)`` (DESIGN §1).
+"""The text protocol: one model call = one ``TextGame.step(response_text)`` (docs/design.md).
 
 Why a wrapper: rollouts, deploy and evaluation must all apply the *same* rules — the action is
 the last bracketed action anywhere in the response, a response without one is an invalid move
@@ -53,6 +53,7 @@ import gymnasium
 from gymnasium import spaces
 
 from .parsing import ACTIONS, parse_action
+from .wording import check_section
 
 LOG_SEPARATOR = "\n\n"
 MSG_INVALID = "Invalid action."
@@ -103,10 +104,8 @@ class TextGame(gymnasium.Wrapper):
             isinstance(invalid_move_limit, bool) or not isinstance(invalid_move_limit, int) or invalid_move_limit < 1
         ):
             raise ValueError(f"invalid_move_limit must be a positive int or None, got {invalid_move_limit!r}")
-        from .text import check_section  # text.py reads LOG_TEXT from this module
-
         self._text = dict(LOG_TEXT if text is None else text)
-        check_section("log", self._text)
+        check_section("log", self._text, LOG_TEXT)
         self.max_calls = max_calls
         self.invalid_move_limit = invalid_move_limit
         self._action_space = spaces.Text(

@@ -1,6 +1,6 @@
 """Game seeds: a fixed held-out list, and training seeds kept off it. Two schemes (``env.seeds``).
 
-DESIGN §1: held-out games are one fixed seed list shared by every round and stage; extraction
+docs/design.md: held-out games are one fixed seed list shared by every round and stage; extraction
 and deploy seeds change with the round and must never hit a held-out game.
 
 ``oel`` (this project's): held-out seeds are simply ``0, 1, …, n-1`` (n ≤ 100 000 in practice;

@@ -1,6 +1,6 @@
 """Sokoban 6×6: the paper's small box-pushing puzzle.
 
-Rules (DESIGN §1): a 6×6 room including its border walls, one box, one target. The player moves
+Rules (docs/design.md): a 6×6 room including its border walls, one box, one target. The player moves
 one cell per action and pushes the box by walking into it, if the cell behind the box is free
 (a wall blocks the push; boxes cannot be pulled). The puzzle is solved (terminated, reward 1)
 when the box is on the target. There is no losing state, only running out of calls.
@@ -37,10 +37,8 @@ and the BFS solver.
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
-from .grid_env import GridGameEnv
 from .parsing import ACTIONS
 
 SIZE = 6
@@ -192,10 +190,3 @@ def generate(
             "".join("_" if (r, c) in floor_set else "#" for c in range(size)) for r in range(size)
         )
         return SokobanState(grid=grid, target=target, box=box, player=player)
-
-
-class Sokoban6x6Env(GridGameEnv):
-    """Sokoban 6×6 as a gymnasium env (see GridGameEnv)."""
-
-    game_name = "sokoban"
-    rules = sys.modules[__name__]

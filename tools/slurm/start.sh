@@ -9,7 +9,7 @@
 # `export SLURM_CONF=<state>/slurm.conf` as its last line on stdout (progress goes to stderr).
 # Everything lives in STATE_DIR; nothing is written to /etc except by apt. Stop with tools/slurm/stop.sh.
 # Ports (override by env): OEL_SLURM_DB_PORT (MariaDB, 3316), OEL_SLURM_PORT (slurmctld; slurmd +1, slurmdbd +2;
-# default 6817). Recipe and pitfalls: shared/notes/slurm-testbed.md.
+# default 6817). Usage and pitfalls: tools/slurm/README.md.
 set -euo pipefail
 
 T0=$(date +%s.%N)
