@@ -18,160 +18,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
-import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from oel_hpc.errors import ConfigError, MissingInput, OelError, SlurmError, exit_code
 from oel_hpc.rundir import RunPaths
+from oel_hpc.slurm import FINAL, PENDING, RUNNING, Runner, Slurm, job_ref, never_starts, parse_job_id, phase
 
 PROG = "python -m oel_hpc.status"
-SACCT_FIELDS = ("JobID", "JobName", "State", "Elapsed", "ExitCode", "NodeList", "Start", "End")
-SQUEUE_FORMAT = "%i|%T|%M|%R|%N"
-SLURM_TIMEOUT = 30.0
+SLURM = Slurm(Runner(timeout_s=30.0, attempts=2))  # a dashboard refresh waits a minute at most
 
-# Slurm job states → ours. A task's state is one of: done, running, pending, failed, blocked (will never run:
-# upstream failed), changed (a DONE marker from another config), unknown.
-ACTIVE_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
-                  "RESIZING"}
-ACTIVE_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+# A task's state is one of: done, running, pending, failed, blocked (will never run: upstream failed), changed (a
+# DONE marker from another config), unknown. Slurm's job states are read through oel_hpc.slurm.phase.
 TERMINAL = {"done", "failed", "blocked", "changed"}
-NEVER_REASONS = {"DependencyNeverSatisfied"}  # a pending job that will never start
 LABELS = {"extract": ("seed", "seeds"), "evaluate": ("step", "steps")}
 
 
-class BadRun(Exception):
-    """Bad input: reported in one line, exit status 2."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Job ids and Slurm output
-
-_JOB = re.compile(r"^(?P<base>\d+)(?:_(?:(?P<task>\d+)|\[(?P<spec>[^\]]*)\]))?$")
-
-
-def expand_indices(spec: str) -> list[int]:
-    """`1,3-5`, `2-8:2` or `0-9%2` (a throttled array) → the array indices."""
-    spec = spec.split("%", 1)[0]
-    out: list[int] = []
-    for part in filter(None, spec.split(",")):
-        rng, _, step = part.partition(":")
-        lo, _, hi = rng.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1, int(step or 1)))
-    return out
-
-
-def parse_job_id(text: str) -> Optional[tuple[str, Optional[set[int]]]]:
-    """`123` → ('123', None); `123_4` → ('123', {4}); `123_[2-5]` → ('123', {2,3,4,5}); not Slurm → None."""
-    m = _JOB.match(str(text).strip())
-    if not m:
-        return None
-    if m["task"] is not None:
-        return m["base"], {int(m["task"])}
-    if m["spec"] is not None:
-        return m["base"], set(expand_indices(m["spec"]))
-    return m["base"], None
-
-
-def seconds_of(text: str) -> Optional[int]:
-    """Slurm durations: `MM:SS`, `HH:MM:SS`, `D-HH:MM:SS` (sacct, squeue) → seconds."""
-    text = (text or "").strip()
-    m = re.match(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$", text)
-    if not m:
-        return None
-    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
-    return ((d * 24 + h) * 60 + mi) * 60 + s
-
-
-def _time(text: Optional[str]) -> Optional[str]:
-    return text if text and text not in ("Unknown", "None", "N/A") else None
-
-
-def parse_sacct(out: str) -> dict:
-    """{(base, task or None): row}; compressed pending rows (`123_[2-5]`) are expanded; a bare `123` row of an
-    array (sacct shows one briefly right after the tasks run) is kept under task None."""
-    rows = {}
-    for line in out.splitlines():
-        values = line.split("|")
-        if len(values) < len(SACCT_FIELDS):
-            continue
-        row = dict(zip(SACCT_FIELDS, values))
-        parsed = parse_job_id(row["JobID"])
-        if parsed is None:
-            continue
-        state = row["State"].split()[0] if row["State"] else ""
-        node = row["NodeList"] if row["NodeList"] not in ("", "None assigned", "(null)") else None
-        info = {"state": state, "reason": None, "elapsed_s": seconds_of(row["Elapsed"]),
-                "exit_code": row["ExitCode"] or None, "node": node, "name": row["JobName"] or None,
-                "start": _time(row["Start"]), "end": _time(row["End"])}
-        base, tasks = parsed
-        for task in sorted(tasks) if tasks is not None else [None]:
-            rows[(base, task)] = dict(info)
-    return rows
-
-
-def parse_squeue(out: str) -> dict:
-    """{(base, task or None): row} from `squeue -o '%i|%T|%M|%R|%N'`; `123_[2-5]` rows are expanded."""
-    rows = {}
-    for line in out.splitlines():
-        values = line.strip().split("|")
-        if len(values) < 5:
-            continue
-        jobid, state, elapsed, reason_or_nodes, nodes = values[:5]
-        parsed = parse_job_id(jobid)
-        if parsed is None:
-            continue
-        reason = reason_or_nodes[1:-1] if reason_or_nodes.startswith("(") else None
-        if reason in ("None", ""):
-            reason = None
-        info = {"state": state, "reason": reason, "elapsed_s": seconds_of(elapsed), "node": nodes or None}
-        base, tasks = parsed
-        for task in sorted(tasks) if tasks is not None else [None]:
-            rows[(base, task)] = dict(info)
-    return rows
-
+# Asking Slurm
 
 def query_slurm(bases: list[str]) -> tuple[dict, dict, list[str]]:
     """One sacct and one squeue call, run side by side: (sacct rows, squeue rows, problems)."""
-    ids = ",".join(bases)
-    commands = {
-        "sacct": ["sacct", "-X", "-n", "-P", "-j", ids, "--format=" + ",".join(SACCT_FIELDS)],
-        # -t all: slurmctld still knows tasks that ended in the last MinJobAge seconds, when sacct may lag
-        "squeue": ["squeue", "-h", "-t", "all", "-j", ids, "-o", SQUEUE_FORMAT],
-    }
-    problems, procs, outs = [], {}, {"sacct": "", "squeue": ""}
-    for name, cmd in commands.items():
-        if shutil.which(cmd[0]) is None:
-            problems.append(f"{name} not found")
-            continue
+    rows: dict[str, dict] = {"sacct": {}, "squeue": {}}
+    problems: dict[str, str] = {}
+
+    def ask(name: str, command) -> None:
         try:
-            procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                           stdin=subprocess.DEVNULL)
-        except OSError as e:
-            problems.append(f"{name} cannot run ({e})")
-    deadline = time.monotonic() + SLURM_TIMEOUT
-    for name, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            problems.append(f"{name} timed out after {SLURM_TIMEOUT:.0f} s")
-            continue
-        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        if proc.returncode != 0:
-            if name == "squeue" and any("Invalid job id" in ln for ln in lines):
-                continue  # every id has left slurmctld's memory: nothing queued, sacct has the rest
-            problems.append(f"{name} failed ({lines[-1].strip() if lines else f'exit {proc.returncode}'})")
-            continue
-        outs[name] = out
-    return parse_sacct(outs["sacct"]), parse_squeue(outs["squeue"]), problems
+            rows[name] = command(bases)
+        except SlurmError as e:
+            problems[name] = str(e)
+
+    threads = [threading.Thread(target=ask, args=(name, command), daemon=True)
+               for name, command in (("sacct", SLURM.accounting), ("squeue", SLURM.queue))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return rows["sacct"], rows["squeue"], [problems[n] for n in ("sacct", "squeue") if n in problems]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,19 +72,22 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def load_manifest(run_dir: Path) -> dict:
+    """The run's manifest.json; bad input (no such folder, no manifest, not a manifest) is a ConfigError naming
+    the path (exit status 2)."""
     if not run_dir.exists():
-        raise BadRun(f"no such run directory: {run_dir}")
+        raise MissingInput(run_dir, f"no such run directory: {run_dir}")
     if not run_dir.is_dir():
-        raise BadRun(f"not a directory: {run_dir}")
+        raise ConfigError(str(run_dir), "not a directory")
     path = RunPaths(run_dir).manifest
     if not path.is_file():
-        raise BadRun(f"{run_dir} has no manifest.json (not a run directory, or its launcher has not started yet)")
+        raise MissingInput(path, f"{run_dir} has no manifest.json (not a run directory, or its launcher has not "
+                                 "started yet)")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise BadRun(f"cannot read {path}: {e}") from None
+        raise ConfigError(str(path), f"cannot read it ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), list):
-        raise BadRun(f"{path} is not a run manifest (no 'stages' list)")
+        raise ConfigError(str(path), "not a run manifest (no 'stages' list)")
     return manifest
 
 
@@ -206,12 +96,12 @@ def task_label(stage: str, task: Optional[int]) -> str:
 
 
 def _from_slurm(row: dict) -> str:
-    state = row["state"]
-    if state in ACTIVE_RUNNING:
+    where = phase(row["state"])
+    if where == RUNNING:
         return "running"
-    if state in ACTIVE_PENDING:
-        return "blocked" if row.get("reason") in NEVER_REASONS else "pending"
-    if state in FINAL:
+    if where == PENDING:
+        return "blocked" if never_starts(row) else "pending"
+    if where == FINAL:
         return "failed"  # COMPLETED without a DONE marker included: the task did not finish its work
     return "unknown"
 
@@ -228,7 +118,7 @@ def _slurm_row(base: str, task: Optional[int], sacct: dict, squeue: dict) -> Opt
     if q is not None:
         if a is not None and a["state"] != q["state"]:
             row.update(exit_code=None, end=None)
-            if q["state"] in ACTIVE_PENDING:
+            if phase(q["state"]) == PENDING:
                 row["start"] = None
         row.update({k: v for k, v in q.items() if v is not None or k == "reason"})
     return row
@@ -287,11 +177,11 @@ def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue:
         row["job_id"] = str(stage["job_ids"][-1])  # not a Slurm job: "local"
     if chosen is not None:
         base, t, known = chosen
-        row["job_id"] = base if t is None else f"{base}_{t}"
+        row["job_id"] = job_ref(base, t)
         slurm = _slurm_row(base, t, sacct, squeue) if known else None
         if slurm is not None:
             row.update({k: slurm[k] for k in ("reason", "elapsed_s", "exit_code", "node", "start", "end")})
-            if slurm["state"] in ACTIVE_PENDING | ACTIVE_RUNNING:
+            if phase(slurm["state"]) in (PENDING, RUNNING):
                 row["exit_code"] = None  # sacct says 0:0 for a job that has not ended
             row["slurm_state"] = slurm["state"]
             row["name"] = slurm.get("name")
@@ -426,7 +316,7 @@ def _slurm_text(row: dict) -> str:
     if row["slurm_state"] is None:
         return "-"
     text = row["slurm_state"]
-    if row.get("reason") and row["slurm_state"] in ACTIVE_PENDING | {"FAILED"}:
+    if row.get("reason") and (phase(row["slurm_state"]) == PENDING or row["slurm_state"] == "FAILED"):
         text += f" ({row['reason']})"
     return text
 
@@ -450,7 +340,7 @@ def render(report: dict) -> str:
                           "", "", f"{done}/{n} done" if done < n else ""))
         for r in s["tasks"]:
             elapsed = r["elapsed_s"] if s["array"] or r["elapsed_s"] is not None else s["seconds"]
-            if r["slurm_state"] in ACTIVE_PENDING:
+            if phase(r["slurm_state"]) == PENDING:
                 elapsed = None
             table.append((s["id"], r["label"], r["job_id"] or "-", r["state"], _slurm_text(r),
                           fmt_seconds(elapsed), r["exit_code"] or "-", r["node"] or "-", r["note"] or ""))
@@ -492,9 +382,9 @@ def main(argv=None) -> int:
         while True:
             try:
                 report = collect(args.run_dir)
-            except BadRun as e:
+            except OelError as e:  # bad input: one line, exit status 2 (errors.exit_code)
                 print(f"{PROG}: error: {e}", file=sys.stderr)
-                return 2
+                return exit_code(e)
             if args.json:
                 text = json.dumps(report, indent=None if args.watch else 2)
             else:

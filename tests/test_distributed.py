@@ -68,8 +68,8 @@ def test_environment_detection():
 
 
 def test_slurm_master_is_the_first_host_of_the_job(tmp_path, monkeypatch):
-    fake = tmp_path / "scontrol"
-    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    fake = tmp_path / "scontrol"  # a broken scontrol (or none, as in a container): the node list is read in Python
+    fake.write_text("#!/bin/sh\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",

@@ -86,13 +86,6 @@ def run_rendered(text: str, tmp_path: Path, env_extra=None, fakes=("python", "ap
 HOSTILE_ROOT = "runs $(touch PWNED1) `touch PWNED2`; touch PWNED3 'q' \"dq\" \\ end"
 
 
-def test_array_spec():
-    assert render.array_spec([0, 1, 2, 3]) == "0-3"
-    assert render.array_spec([5, 0, 2]) == "0,2,5"
-    assert render.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert render.array_spec(list(range(0, 101, 2))) == ",".join(str(i) for i in range(0, 101, 2))
-
-
 def test_sbatch_values_are_bare_or_double_quoted():
     assert render.sbatch_value("k", "debug") == "debug"
     assert render.sbatch_value("k", "gpu:8") == "gpu:8"

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from oel_hpc import status
+from oel_hpc import slurm, status
 from oel_hpc.rundir import RunPaths, write_json_atomic
 from tests import conftest
 from tests.conftest import ROOT
@@ -200,7 +200,7 @@ def test_reading_squeue_and_sacct_rows(tmp_path):
 
     def fake(bases):
         calls.append(bases)
-        return status.parse_sacct(sacct_out), status.parse_squeue(squeue_out), []
+        return slurm.parse_sacct(sacct_out), slurm.parse_squeue(squeue_out), []
 
     report = status.collect(run, run_slurm=fake)
     assert calls == [["10", "20", "30", "40"]]
@@ -230,13 +230,13 @@ def test_reading_squeue_and_sacct_rows(tmp_path):
 
 
 def test_parsing_helpers():
-    assert status.expand_indices("0,2-4%2") == [0, 2, 3, 4]
-    assert status.expand_indices("1-7:3") == [1, 4, 7]
-    assert status.parse_job_id("123") == ("123", None)
-    assert status.parse_job_id("123_4") == ("123", {4})
-    assert status.parse_job_id("123_[2-3]") == ("123", {2, 3})
-    assert status.parse_job_id("local") is None
-    assert [status.seconds_of(t) for t in ("0:05", "1:02:03", "2-00:00:01", "00:00:00", "")] == [
+    assert slurm.expand_indices("0,2-4%2") == [0, 2, 3, 4]
+    assert slurm.expand_indices("1-7:3") == [1, 4, 7]
+    assert slurm.parse_job_id("123") == ("123", None)
+    assert slurm.parse_job_id("123_4") == ("123", {4})
+    assert slurm.parse_job_id("123_[2-3]") == ("123", {2, 3})
+    assert slurm.parse_job_id("local") is None
+    assert [slurm.seconds_of(t) for t in ("0:05", "1:02:03", "2-00:00:01", "00:00:00", "")] == [
         5, 3723, 172801, 0, None]
     assert [status.fmt_seconds(s) for s in (None, 0.01, 5, 75, 3723, 90061)] == [
         "-", "0.0s", "5s", "1:15", "1:02:03", "1-1:01:01"]

@@ -92,6 +92,7 @@ def in_process(root: Path) -> tuple[dict, list[str]]:
     from oel_hpc.launch import slurm
     from oel_hpc.pipeline import build_dag
     from oel_hpc.rundir import config_hash
+    from oel_hpc.slurm import Slurm
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*OVERRIDES, f"run.root={root}", "run.name=bench-inproc"])
@@ -99,7 +100,7 @@ def in_process(root: Path) -> tuple[dict, list[str]]:
     nodes = build_dag(cfg)
     run_hash = config_hash({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "run"})
     paths = slurm.check_run_dir(cfg)
-    client = slurm.Slurm()
+    client = Slurm()
     t0 = time.perf_counter()
     report = slurm.submit(cfg, paths, nodes, run_hash, client)
     seconds = time.perf_counter() - t0

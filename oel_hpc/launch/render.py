@@ -33,6 +33,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc.errors import ConfigError
+from oel_hpc.slurm import array_spec
 
 # Characters an #SBATCH value may carry without quotes (sbatch splits on blanks, strips quotes, and a '#'
 # starts a comment).
@@ -86,19 +87,6 @@ def check_bind_path(key: str, path: str) -> None:
     _no_control(key, path)
     if "," in path or ":" in path:
         raise ConfigError(key, f"{path!r} contains ',' or ':' (container bind lists cannot express it)")
-
-
-def array_spec(tasks: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] → '0-2,5,7-8' (what --array takes)."""
-    parts, tasks = [], sorted(set(tasks))
-    i = 0
-    while i < len(tasks):
-        j = i
-        while j + 1 < len(tasks) and tasks[j + 1] == tasks[j] + 1:
-            j += 1
-        parts.append(str(tasks[i]) if i == j else f"{tasks[i]}-{tasks[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 def script_name(node) -> str:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,75 +24,13 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc.errors import SlurmError
-
 from oel_hpc.launch import render
-from oel_hpc.pipeline import (Manifest, Node, StageConflict, clear_outputs, now, plan, task_state)
+from oel_hpc.log import get_logger
+from oel_hpc.pipeline import Manifest, Node, StageConflict, clear_outputs, now, plan, task_state
 from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
+from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
-IN_FLIGHT = {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
-             "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
-NEVER_REASONS = {"DependencyNeverSatisfied"}
-TIMEOUT_S = 60
-
-
-class Slurm:
-    """The Slurm commands the launcher runs; counts its sbatch calls (tests and the benchmark read them)."""
-
-    def __init__(self, cwd: Optional[Path] = None):
-        self.cwd = cwd
-        self.sbatch_calls: list[list[str]] = []
-
-    def _run(self, argv: list[str]) -> str:
-        if shutil.which(argv[0]) is None:
-            raise SlurmError(f"{argv[0]} not found: run this on a Slurm login node (or start the test cluster: "
-                             "tools/slurm/start.sh)")
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=self.cwd)
-        except subprocess.TimeoutExpired:
-            raise SlurmError(f"{argv[0]} did not answer within {TIMEOUT_S} s (is slurmctld up?)") from None
-        if r.returncode != 0:
-            raise SlurmError(f"{' '.join(argv[:-1] + [Path(argv[-1]).name])} failed: "
-                             f"{r.stderr.strip() or r.stdout.strip() or r.returncode}")
-        return r.stdout
-
-    def sbatch(self, script: Path, array: Optional[str] = None, dependency: list[str] = ()) -> str:
-        argv = ["sbatch", "--parsable"]
-        if array is not None:
-            argv.append(f"--array={array}")
-        if dependency:
-            argv.append("--dependency=afterok:" + ":".join(dependency))
-        argv.append(str(script))
-        self.sbatch_calls.append(argv)
-        out = self._run(argv).strip()
-        job_id = out.split(";")[0]  # "<id>[;<cluster>]"
-        if not job_id.isdigit():
-            raise SlurmError(f"sbatch answered {out!r}, not a job id")
-        return job_id
-
-    def queue(self, job_ids: list[str]) -> list[dict]:
-        """squeue rows of these jobs, array tasks expanded: {job, task (None unless an array task), state, reason}."""
-        if not job_ids:
-            return []
-        argv = ["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%F|%K|%T|%r"]
-        try:
-            out = self._run(argv)
-        except SlurmError as e:
-            if "Invalid job id" in str(e):  # every id has left the controller's memory
-                return []
-            raise
-        rows = []
-        for line in out.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) != 4:
-                continue
-            job, task, state, reason = parts
-            rows.append({"job": job, "task": int(task) if task.isdigit() else None, "state": state,
-                         "reason": reason})
-        return rows
-
-    def cancel(self, refs: list[str]) -> None:
-        if refs:
-            self._run(["scancel", *refs])
+log = get_logger(__name__)
 
 
 @dataclass
@@ -119,10 +54,6 @@ class SubmitReport:
         for s in self.submitted:
             per[s.node.round] = per.get(s.node.round, 0) + 1
         return per
-
-
-def _ref(job: str, task: Optional[int]) -> str:
-    return job if task is None else f"{job}_{task}"
 
 
 def write_scripts(files: dict[str, str], folder: Path) -> None:
@@ -186,59 +117,80 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
     if not todo:
         return report
     old = _old_manifest(paths)
+    live = _queued_tasks(slurm, nodes, old)
+    choice = _choose(nodes, todo, live)
+    report.in_flight = choice.keep
+    if not choice.submit:
+        return report
+    if choice.cancel:
+        slurm.cancel(choice.cancel)
+        report.cancelled = choice.cancel
+    manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash)
+    _submit_in_dag_order(slurm, paths, nodes, choice, manifest, report)
+    return report
 
-    # What earlier submissions still have queued or running, per node and task.
+
+Rows = dict[Optional[int], list[tuple[str, Optional[int], dict]]]  # task → (job, task, squeue row) still queued
+
+
+def _queued_tasks(slurm: Slurm, nodes: list[Node], old: dict[str, dict]) -> dict[str, Rows]:
+    """What earlier submissions (the manifest's job ids) still have queued or running, per node and task. Jobs of
+    another config still queued are a conflict: they would write this run's outputs."""
     known = {n.id: [str(j) for j in old.get(n.id, {}).get("job_ids", []) if str(j).isdigit()] for n in nodes}
     rows = slurm.queue(sorted({j for ids in known.values() for j in ids}, key=int))
-    live: dict[str, dict[Optional[int], list[dict]]] = {}
+    live: dict[str, Rows] = {}
     for n in nodes:
-        for row in rows:
-            if row["job"] in known[n.id] and row["state"] in IN_FLIGHT:
-                task = row["task"] if n.tasks is not None else None
-                live.setdefault(n.id, {}).setdefault(task, []).append(row)
+        for (job, task), row in rows.items():
+            if job in known[n.id] and in_queue(row["state"]):
+                live.setdefault(n.id, {}).setdefault(task if n.tasks is not None else None, []).append(
+                    (job, task, row))
     for n in nodes:
         if live.get(n.id) and old.get(n.id, {}).get("hash") != n.hash:
-            jobs = sorted({r["job"] for rs in live[n.id].values() for r in rs})
+            jobs = sorted({job for entries in live[n.id].values() for job, _, _ in entries})
             raise StageConflict(f"{n.id} has jobs of an earlier submission under another config still queued or "
                                 f"running ({', '.join(jobs)}): cancel them (scancel {' '.join(jobs)}) or wait")
+    return live
 
-    # Decide, in DAG order, which tasks to submit and which queued jobs to keep.
-    to_submit: dict[str, list[Optional[int]]] = {}
-    keep: dict[str, list[str]] = {}  # node id → job refs (still queued/running) that downstream jobs wait for
-    cancel: list[str] = []
+
+@dataclass
+class Choice:
+    submit: dict[str, list[Optional[int]]] = field(default_factory=dict)  # node id → tasks to submit now
+    keep: dict[str, list[str]] = field(default_factory=dict)  # node id → queued job refs downstream jobs wait for
+    cancel: list[str] = field(default_factory=list)  # queued job refs that would never (usefully) start
+
+
+def _choose(nodes: list[Node], todo: dict[str, list[Optional[int]]], live: dict[str, Rows]) -> Choice:
+    """In DAG order: per task not done, keep its queued job or submit it again. A pending job is cancelled when it
+    can never start (its upstream failed or was cancelled) or when its upstream is submitted anew now (its
+    dependency names the old job)."""
+    choice = Choice()
     for n in nodes:
         if n.id not in todo:
             continue
-        upstream_new = any(d in to_submit for d in n.deps)
+        upstream_new = any(d in choice.submit for d in n.deps)
         for task in todo[n.id]:
-            refs = live.get(n.id, {}).get(task, [])
             kept = []
-            for row in refs:
-                ref = _ref(row["job"], row["task"])
-                pending = row["state"] in {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
-                if row["state"] == "PENDING" and row["reason"] in NEVER_REASONS:
-                    cancel.append(ref)  # will never start: its upstream failed or was cancelled
-                elif upstream_new and pending:
-                    cancel.append(ref)  # waits for an upstream job that is being replaced now
+            for job, job_task, row in live.get(n.id, {}).get(task, []):
+                ref = job_ref(job, job_task)
+                if never_starts(row) or (upstream_new and phase(row["state"]) == PENDING):
+                    choice.cancel.append(ref)
                 else:
                     kept.append(ref)
             if kept:
-                keep.setdefault(n.id, []).extend(kept)
+                choice.keep.setdefault(n.id, []).extend(kept)
             else:
-                to_submit.setdefault(n.id, []).append(task)
-    report.in_flight = keep
+                choice.submit.setdefault(n.id, []).append(task)
+    return choice
 
-    if not to_submit:
-        return report
-    if cancel:
-        slurm.cancel(cancel)
-        report.cancelled = cancel
 
-    # Write the config the jobs read, the scripts they run, and the folder their logs go to.
+def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: dict, to_submit: dict,
+                     old: dict[str, dict], run_hash: str) -> Manifest:
+    """Clear what another config left in the tasks about to run, then write the config the jobs read, the scripts
+    they run, the folder their logs go to, and the manifest (stages already done marked so)."""
     for n in nodes:
         for task in to_submit.get(n.id, []):
-            begun = read_done(paths.done(n.round, n.stage, task).with_name(
-                paths.done(n.round, n.stage, task).name + ".started"))
+            done = paths.done(n.round, n.stage, task)
+            begun = read_done(done.with_name(done.name + ".started"))
             stale = (task_state(paths, n, task) == "changed"
                      or (begun is not None and begun.get("config_hash") != n.hash)
                      or (n.id in old and old[n.id].get("hash") != n.hash))
@@ -246,51 +198,59 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
                 clear_outputs(paths, n, task)
     paths.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(paths.config, run_config_yaml(cfg))
-    files = render.render_run(cfg, paths.root, nodes, in_run_dir=True)
-    write_scripts(files, paths.root / "slurm")
+    write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
     (paths.root / "logs").mkdir(exist_ok=True)
     manifest = Manifest.open(paths, cfg.run.name, run_hash, nodes)
     for n in nodes:
         if n.id not in todo:
             manifest.update(n.id, state="done")
+    return manifest
 
-    submitted_ids: dict[str, str] = {}
+
+def _submit_in_dag_order(slurm: Slurm, paths: RunPaths, nodes: list[Node], choice: Choice, manifest: Manifest,
+                         report: SubmitReport) -> None:
+    """One sbatch per node with tasks to submit, each depending (afterok) on its upstream jobs submitted now and
+    on its upstream tasks still queued; every job id goes into the manifest as soon as Slurm gives it. If an
+    sbatch fails, the jobs this call submitted are cancelled: nothing is left half-chained in the queue."""
+    submitted: dict[str, str] = {}
     t0 = time.perf_counter()
     try:
         for n in nodes:
-            tasks = to_submit.get(n.id)
+            tasks = choice.submit.get(n.id)
             if not tasks:
                 continue
             dependency = []
             for d in n.deps:
-                if d in submitted_ids:
-                    dependency.append(submitted_ids[d])
-                dependency += keep.get(d, [])
+                if d in submitted:
+                    dependency.append(submitted[d])
+                dependency += choice.keep.get(d, [])
             script = paths.root / "slurm" / render.script_name(n)
-            array = render.array_spec([t for t in tasks if t is not None]) if n.tasks is not None else None
+            array = array_spec([t for t in tasks if t is not None]) if n.tasks is not None else None
             job_id = slurm.sbatch(script, array=array, dependency=dependency)
-            submitted_ids[n.id] = job_id
+            submitted[n.id] = job_id
             report.submitted.append(Submission(n, job_id, tasks, dependency))
-            entry = next(s for s in manifest.stages if s["id"] == n.id)
-            stamp = now()
-            manifest.update(n.id, state="submitted", submitted=stamp, script=paths.rel(script),
-                            job_ids=[*entry.get("job_ids", []), job_id],
-                            submissions=[*entry.get("submissions", []),
-                                         {"job_id": job_id, "tasks": tasks if n.tasks is not None else None,
-                                          "dependency": dependency, "submitted": stamp}],
-                            started=None, ended=None)
+            _record(manifest, paths, n, script, job_id, tasks, dependency)
     except SlurmError:
-        # leave nothing half-chained in the queue: cancel what this invocation submitted (the manifest keeps it)
-        if submitted_ids:
+        if submitted:
             try:
-                slurm.cancel(list(submitted_ids.values()))
+                slurm.cancel(list(submitted.values()))
             except SlurmError as e:
-                print(f"oel_hpc: warning: could not cancel {', '.join(submitted_ids.values())}: {e}",
-                      file=sys.stderr)
+                log.warning(f"could not cancel {', '.join(submitted.values())}: {e}")
         raise
     finally:
         report.sbatch_seconds = time.perf_counter() - t0
-    return report
+
+
+def _record(manifest: Manifest, paths: RunPaths, n: Node, script: Path, job_id: str, tasks: list[Optional[int]],
+            dependency: list[str]) -> None:
+    entry = next(s for s in manifest.stages if s["id"] == n.id)
+    stamp = now()
+    manifest.update(n.id, state="submitted", submitted=stamp, script=paths.rel(script),
+                    job_ids=[*entry.get("job_ids", []), job_id],
+                    submissions=[*entry.get("submissions", []),
+                                 {"job_id": job_id, "tasks": tasks if n.tasks is not None else None,
+                                  "dependency": dependency, "submitted": stamp}],
+                    started=None, ended=None)
 
 
 def format_report(cfg: DictConfig, report: SubmitReport) -> str:
@@ -302,7 +262,7 @@ def format_report(cfg: DictConfig, report: SubmitReport) -> str:
                      + ", ".join(f"round {r}: {k}" for r, k in sorted(per.items())) + f"); run directory {run_dir}")
         for s in report.submitted:
             label = {"extract": "seeds", "evaluate": "steps"}.get(s.node.stage)
-            what = f"{label} {render.array_spec(s.tasks)}" if label else ""
+            what = f"{label} {array_spec(s.tasks)}" if label else ""
             after = f"after {','.join(s.dependency)}" if s.dependency else ""
             lines.append(f"  {s.node.id:<16} job {s.job_id:<10} {what:<22} {after}".rstrip())
     for node_id, refs in report.in_flight.items():

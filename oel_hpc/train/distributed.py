@@ -4,7 +4,7 @@ the model wrapped for data parallelism (DDP replicas or FSDP2 shards).
 Where the ranks come from (first match wins):
 - torchrun (or anything that sets the same variables): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 - Slurm, one task per rank (`srun python -m oel_hpc.worker ...`): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the
-  master is the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`), the port derived from SLURM_JOB_ID
+  master is the first host of SLURM_JOB_NODELIST (oel_hpc.slurm.hostnames), the port derived from SLURM_JOB_ID
   (MASTER_ADDR / MASTER_PORT in the environment take precedence). Only inside a job *step* (srun sets
   SLURM_STEP_ID): a batch script itself is not a rank, even when the job has several tasks.
 - Neither, or a world of 1: no process group at all; every collective below is a no-op and training is the plain
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from oel_hpc import slurm
 
 DEFAULT_PORT_BASE = 20000  # Slurm: MASTER_PORT = base + SLURM_JOB_ID % 20000 (a requeued job keeps its id and port)
 
@@ -40,11 +41,10 @@ class DistEnv:
 
 
 def slurm_master_addr(nodelist: str) -> str:
-    """The first host of a Slurm node list ("node[01-04],gpu7" → "node01"), expanded by `scontrol show hostnames`."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    hosts = out.stdout.split()
+    """The first host of a Slurm node list ("node[01-04],gpu7" → "node01")."""
+    hosts = slurm.hostnames(nodelist)
     if not hosts:
-        raise RuntimeError(f"`scontrol show hostnames {nodelist}` printed no host")
+        raise RuntimeError(f"the Slurm node list {nodelist!r} names no host")
     return hosts[0]
 
 

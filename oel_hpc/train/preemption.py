@@ -10,13 +10,14 @@ sends); a job Slurm preempts with PreemptMode=REQUEUE is requeued by Slurm itsel
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from typing import Optional
 
-from oel_hpc.errors import EXIT_PREEMPTED, Preempted  # noqa: F401  (raised here; the exit status it ends with)
+from oel_hpc.errors import EXIT_PREEMPTED, Preempted, SlurmError  # noqa: F401  (EXIT_PREEMPTED: what it ends with)
+from oel_hpc.log import get_logger
+from oel_hpc.slurm import Slurm, current_job
+
+log = get_logger(__name__)
 
 REQUEUE_SIGNALS = ("SIGUSR2",)
 
@@ -36,7 +37,7 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            print(f"received {name}: stopping with a checkpoint at the end of this step", file=sys.stderr, flush=True)
+            log.warning(f"received {name}: stopping with a checkpoint at the end of this step")
 
     def __enter__(self) -> "StopSignals":
         try:
@@ -61,31 +62,19 @@ class StopSignals:
         return {0: None, 1: "SIGTERM", 2: "SIGUSR2"}[mine]
 
 
-def slurm_job_id(environ=os.environ) -> Optional[str]:
-    """The id to requeue: the array job's task id form (`<array>_<task>`) for an array task, else SLURM_JOB_ID."""
-    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-    return environ.get("SLURM_JOB_ID") or None
-
-
 def requeue_slurm_job(job_id: Optional[str] = None) -> bool:
-    """`scontrol requeue <job_id>` (default: this job). True when Slurm accepted it; a failure is reported on stderr
-    and returns False (the caller still exits with its checkpoint saved). Slurm then ends the running job and
-    queues it again under the same id (SLURM_RESTART_COUNT counts the restarts); the job needs `--requeue` or the
-    cluster's JobRequeue=1."""
-    job_id = job_id or slurm_job_id()
+    """`scontrol requeue` this job (or `job_id`). True when Slurm accepted it; a failure is logged and returns False
+    (the caller still exits with its checkpoint saved). Slurm then ends the running job and queues it again under
+    the same id (SLURM_RESTART_COUNT counts the restarts)."""
+    job_id = job_id or current_job()
     if not job_id:
         return False
     try:
-        out = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"scontrol requeue {job_id} failed: {e}", file=sys.stderr, flush=True)
+        Slurm().requeue(job_id)
+    except SlurmError as e:
+        log.error(str(e))
         return False
-    if out.returncode != 0:
-        print(f"scontrol requeue {job_id} failed (exit {out.returncode}): {out.stderr.strip()}", file=sys.stderr,
-              flush=True)
-        return False
-    print(f"requeued Slurm job {job_id}", file=sys.stderr, flush=True)
+    log.info(f"requeued Slurm job {job_id}")
     return True
 
 
@@ -93,11 +82,10 @@ def stop(signal_name: str, step: int, checkpoint, d=None, requeue: bool = True) 
     """After the checkpoint of `step` is saved (by every rank): rank 0 requeues the Slurm job when the signal asks
     for it, every rank waits for that, and the exception to raise comes back (the same on every rank)."""
     requeued = False
-    if requeue and signal_name in REQUEUE_SIGNALS and slurm_job_id():
+    if requeue and signal_name in REQUEUE_SIGNALS and current_job():
         if d is None or d.is_main:
             # said first: Slurm kills the job as soon as it accepts the requeue, before the exception is reported
-            print(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; requeueing the Slurm job",
-                  file=sys.stderr, flush=True)
+            log.info(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; requeueing the Slurm job")
             requeued = requeue_slurm_job()
         if d is not None:
             requeued = bool(d.broadcast(requeued))
