@@ -23,70 +23,16 @@ Secrets are never rendered: jobs get the submitter's environment through `--expo
 """
 from __future__ import annotations
 
-import re
 import shlex
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.errors import ConfigError
-from oel_hpc.slurm import array_spec
+from oel_hpc.slurm import _no_control, array_spec, check_path_for_slurm, check_sbatch_line, check_setup_line, sbatch_value
 
-# Characters an #SBATCH value may carry without quotes (sbatch splits on blanks, strips quotes, and a '#'
-# starts a comment).
-_SBATCH_BARE = re.compile(r"^[A-Za-z0-9._,:/=@+%-]+$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ARRAY_STAGES = ("extract", "evaluate")
-
-
-def _no_control(key: str, value: str) -> None:
-    if _CONTROL.search(value):
-        raise ConfigError(key, f"{value!r} contains a newline or another control character")
-
-
-def sbatch_value(key: str, value) -> str:
-    """`value` as sbatch's directive parser reads it back verbatim."""
-    value = str(value)
-    _no_control(key, value)
-    if _SBATCH_BARE.match(value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def check_setup_line(key: str, line: str) -> None:
-    """A `cluster.setup` line runs as written, but must be one complete shell command line."""
-    _no_control(key, line)
-    if (len(line) - len(line.rstrip("\\"))) % 2 == 1:
-        raise ConfigError(key, f"{line!r} ends with a backslash (it would join the next line of the script)")
-    if "<<" in line.replace("<<<", ""):
-        raise ConfigError(key, f"{line!r}: here-documents are not allowed in setup lines")
-    r = subprocess.run(["bash", "-n", "-c", line], capture_output=True, text=True, timeout=30)
-    if r.returncode != 0 or r.stderr.strip():
-        detail = (r.stderr.strip().splitlines() or ["syntax error"])[-1]
-        raise ConfigError(key, f"{line!r} is not one complete shell command ({detail})")
-
-
-def check_sbatch_line(key: str, line: str) -> None:
-    """A `cluster.extra_sbatch` entry: one sbatch option (`--mail-type=END`), rendered as `#SBATCH <line>`."""
-    _no_control(key, line)
-    if not line.startswith("-"):
-        raise ConfigError(key, f"{line!r} is not an sbatch option (it must start with '-', e.g. --mail-type=END)")
-
-
-def check_path_for_slurm(key: str, path: str) -> None:
-    """Paths that sbatch expands in --output (and that Slurm must find again) must not hold '%' or controls."""
-    _no_control(key, path)
-    if "%" in path:
-        raise ConfigError(key, f"{path!r} contains '%' (sbatch would expand it in the log file name)")
-
-
-def check_bind_path(key: str, path: str) -> None:
-    _no_control(key, path)
-    if "," in path or ":" in path:
-        raise ConfigError(key, f"{path!r} contains ',' or ':' (container bind lists cannot express it)")
 
 
 def script_name(node) -> str:
