@@ -512,7 +512,7 @@ def validate_trainer(cfg: DictConfig) -> None:
 
 def validate_cluster(cfg: DictConfig) -> None:
     """The cluster and launch sections, checked before anything is rendered or submitted."""
-    from oel_hpc.launch import render
+    from oel_hpc import slurm
 
     c = cfg.cluster
     if c.container_runtime not in ("apptainer", "pyxis"):
@@ -522,7 +522,7 @@ def validate_cluster(cfg: DictConfig) -> None:
         if value is not None:
             if not str(value).strip():
                 raise ConfigError(f"cluster.{key}", "must not be empty (use null)")
-            render.sbatch_value(f"cluster.{key}", value)  # no newline or control character
+            slurm.sbatch_value(f"cluster.{key}", value)  # no newline or control character
     if c.gpus_per_node < 0 or c.cpus_per_task <= 0 or (c.mem_gb is not None and c.mem_gb < 0):
         raise ConfigError("cluster", "gpus_per_node must be >= 0, cpus_per_task > 0, mem_gb >= 0 or null")
     for stage in ("extract", "gather", "deploy", "consolidate", "evaluate"):
@@ -546,11 +546,11 @@ def validate_cluster(cfg: DictConfig) -> None:
                           f"must be positive and shorter than consolidation's time limit "
                           f"({c.resources.consolidate.time_min} min), got {c.signal_before_end_s}")
     for i, line in enumerate(c.extra_sbatch):
-        render.check_sbatch_line(f"cluster.extra_sbatch[{i}]", line)
+        slurm.check_sbatch_line(f"cluster.extra_sbatch[{i}]", line)
     for i, line in enumerate(c.setup):
-        render.check_setup_line(f"cluster.setup[{i}]", line)
-    render.check_path_for_slurm("run.root", str(Path(cfg.run.root).expanduser().resolve()))
+        slurm.check_setup_line(f"cluster.setup[{i}]", line)
+    slurm.check_path_for_slurm("run.root", str(Path(cfg.run.root).expanduser().resolve()))
     if c.container is not None:
         for i, b in enumerate(c.container_binds):
-            render.check_bind_path(f"cluster.container_binds[{i}]", str(b))
-        render.check_bind_path("run.root", str(Path(cfg.run.root).expanduser().resolve()))
+            slurm.check_bind_path(f"cluster.container_binds[{i}]", str(b))
+        slurm.check_bind_path("run.root", str(Path(cfg.run.root).expanduser().resolve()))
