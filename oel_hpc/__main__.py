@@ -9,6 +9,9 @@ API (every override, group and `--cfg job` works as usual) and `hydra.launcher.*
 (partition, account, qos, constraint, timeout_min, gpus_per_node, cpus_per_task, mem_gb, nodes, tasks_per_node,
 signal_delay_s, setup, additional_parameters, ...) are mapped onto `cluster.*` (see HYDRA_LAUNCHER_KEYS).
 `launch.render_only=true` writes the sbatch scripts without submitting.
+
+Exit status (oel_hpc/errors.py, the same for `python -m oel_hpc.worker`): 0 done; 2 bad input, said in one line;
+75 a consolidation stopped early with a checkpoint (the same command resumes it); anything else a failure.
 """
 from __future__ import annotations
 

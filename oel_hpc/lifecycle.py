@@ -18,6 +18,7 @@ the stage. They cannot race it: the stage starts by joining the process group, w
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -45,8 +46,8 @@ def execute(ctx, node: Node, task: Optional[int], *, redo_changed: bool = False)
         logger.info(f"{name} is already done")
         return False
     if state == "changed" and not redo_changed:
-        raise StageConflict(f"{name} finished under another config in {paths.root}: rerun the launcher (it clears "
-                            "such tasks under run.overwrite=true) or use another run.name")
+        raise StageConflict(f"{name} finished under another config in {paths.root}: its outputs would not match; "
+                            "launch again with run.overwrite=true to redo it, or use another run.name")
     main = _is_rank_zero()
     marker = started_marker(paths, node, task)
     log.set_context(stage=name)
@@ -57,10 +58,13 @@ def execute(ctx, node: Node, task: Optional[int], *, redo_changed: bool = False)
                 logger.info(f"starting {name} afresh: its earlier outputs were made under another config")
                 clear_outputs(paths, node, task)
             write_json_atomic(marker, {"config_hash": node.hash, "started_at": now()})
+        t0 = time.monotonic()
         outputs = run_task(ctx, node.stage, node.round, task)
         if main:
             mark_done(paths, paths.done(node.round, node.stage, task), node.hash, outputs)
             marker.unlink(missing_ok=True)
+            logger.info(f"done in {time.monotonic() - t0:.1f} s ({len(outputs)} files recorded in "
+                        f"{paths.rel(paths.done(node.round, node.stage, task))})")
     finally:
         log.set_context(stage="")
     return True
