@@ -9,6 +9,9 @@ API (every override, group and `--cfg job` works as usual) and `hydra.launcher.*
 (partition, account, qos, constraint, timeout_min, gpus_per_node, cpus_per_task, mem_gb, nodes, tasks_per_node,
 signal_delay_s, setup, additional_parameters, ...) are mapped onto `cluster.*` (see HYDRA_LAUNCHER_KEYS).
 `launch.render_only=true` writes the sbatch scripts without submitting.
+
+Exit status (oel_hpc/errors.py, the same for `python -m oel_hpc.worker`): 0 done; 2 bad input, said in one line;
+75 a consolidation stopped early with a checkpoint (the same command resumes it); anything else a failure.
 """
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.config import CONF_DIR, GROUPS, ConfigError, validate
+from oel_hpc import log
+from oel_hpc.config import CONF_DIR, GROUPS, validate
+from oel_hpc.errors import ConfigError, exit_on_error
+
+PROG = "oel_hpc"
+logger = log.get_logger(__name__)
 
 _GROUP_OVERRIDE = re.compile(r"^[+~]{0,2}(?P<group>\w+)=(?P<value>.*)$")
 
@@ -86,20 +94,10 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    from oel_hpc.experience import EmptyExperience
-    from oel_hpc.pipeline import StageConflict
-    from oel_hpc.prompts import PromptTooLong
-    from oel_hpc.train.preemption import EXIT_PREEMPTED, Preempted
-
-    try:
+    # reported here: an exception that leaves this function is Hydra's to report (a stack trace, exit 1)
+    with exit_on_error(PROG):
         validate(cfg)
         run(cfg)
-    except (ConfigError, StageConflict, PromptTooLong, EmptyExperience, FileNotFoundError) as e:
-        print(f"oel_hpc: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:  # SIGTERM/USR2 during consolidation: checkpointed; the same command resumes
-        print(f"oel_hpc: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,8 +206,8 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
               "(nothing submitted)")
         return 0
     if cfg.cluster.name == "local":
-        print("oel_hpc: note: cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a "
-              "preset such as cluster=local_slurm, a100, h100 or b200", file=sys.stderr)
+        logger.warning("cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a preset such "
+                       "as cluster=local_slurm, a100, h100 or b200")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
     report = slurm.submit(cfg, paths, nodes, run_hash)
@@ -223,12 +221,12 @@ _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--s
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    try:
-        check_group_choices(argv)
-    except ConfigError as e:
-        print(f"oel_hpc: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_error(PROG):
+        _main(sys.argv[1:])
+
+
+def _main(argv: list[str]) -> None:
+    check_group_choices(argv)
     if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
         hydra_main()  # Hydra's own flags: Hydra answers
         return
@@ -245,28 +243,21 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from oel_hpc.experience import EmptyExperience
-    from oel_hpc.launch.slurm import SlurmError
-    from oel_hpc.pipeline import StageConflict
     try:
-        try:
-            cfg = compose_config(rest)
-        except (HydraException, OmegaConfBaseException) as e:
-            if not wants_slurm:
-                hydra_main()  # a sweep, or an error Hydra reports in its own words
-                return
-            message = str(e).strip()
-            if "--multirun" in message:  # Hydra's hint for a sweep value (key=a,b)
-                raise ConfigError("overrides", f"{message.splitlines()[0]}: Slurm launching takes one run per "
-                                  "command; run it once per value, each with its own run.name") from None
-            raise ConfigError("overrides", message.splitlines()[0]) from None
-        if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
-            hydra_main()
+        cfg = compose_config(rest)
+    except (HydraException, OmegaConfBaseException) as e:
+        if not wants_slurm:
+            hydra_main()  # a sweep, or an error Hydra reports in its own words
             return
-        sys.exit(slurm_main(cfg, show, resolve))
-    except (ConfigError, StageConflict, SlurmError, EmptyExperience, FileNotFoundError) as e:
-        print(f"oel_hpc: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        message = str(e).strip()
+        if "--multirun" in message:  # Hydra's hint for a sweep value (key=a,b)
+            raise ConfigError("overrides", f"{message.splitlines()[0]}: Slurm launching takes one run per "
+                              "command; run it once per value, each with its own run.name") from None
+        raise ConfigError("overrides", message.splitlines()[0]) from None
+    if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
+        hydra_main()
+        return
+    sys.exit(slurm_main(cfg, show, resolve))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ is reported as one line; any other exception keeps its traceback, because it is 
 """
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -85,3 +89,14 @@ class AllStepsSkipped(OelError):
 
 def exit_code(error: BaseException) -> int:
     return error.exit_code if isinstance(error, OelError) else EXIT_FAILURE
+
+
+@contextmanager
+def exit_on_error(prog: str) -> Iterator[None]:
+    """Around an entry point's body: an `OelError` ends the process with its exit status and one line on stderr
+    (`<prog>: error: ...`; a preemption is no error and says only what happened); anything else keeps its traceback."""
+    try:
+        yield
+    except OelError as e:
+        print(f"{prog}: {'' if isinstance(e, Preempted) else 'error: '}{e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)

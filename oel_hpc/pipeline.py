@@ -13,7 +13,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.errors import StageConflict  # noqa: F401  (raised by plan)
+from oel_hpc.errors import ConfigError, StageConflict
 from oel_hpc.rundir import RunPaths, config_hash, read_done, sha256_file, write_json_atomic
 
 STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
@@ -78,7 +78,10 @@ def build_dag(cfg: DictConfig) -> list[Node]:
         if cfg.gather.source is None:
             gather = make("gather", [make("extract", previous, list(range(cfg.extract.seeds)))])
         else:  # the experience comes from outside; its content is part of the hash
-            gather = make("gather", previous, source=sha256_file(Path(cfg.gather.source)))
+            source = Path(cfg.gather.source)
+            if not source.is_file():  # a job's config.yaml is not validated again: say it here, in one line
+                raise ConfigError("gather.source", f"experience list {source} does not exist")
+            gather = make("gather", previous, source=sha256_file(source))
         deploy = make("deploy", previous)
         consolidate = make("consolidate", [gather, deploy])
         make("evaluate", [consolidate], eval_steps(cfg))

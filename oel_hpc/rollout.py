@@ -5,8 +5,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from tqdm.auto import tqdm
-
+from oel_hpc import log
 from oel_hpc.games import make_game
 from oel_hpc.prompts import Ending, PromptBuilder
 
@@ -59,21 +58,19 @@ def play_games(engine, builder: PromptBuilder, env_name: str, game_seeds: Sequen
     for game, s in zip(games, game_seeds):
         game.reset(seed=s)
     results = [GameResult(s) for s in game_seeds]
-    with tqdm(total=len(games), desc=desc, unit="game", leave=False) as bar:
-        for turn in range(1, max_turns + 1):
-            live = [i for i, g in enumerate(games) if not g.done]
-            if not live:
-                break
-            messages = [builder.game_turn(games[i].log_blocks, games[i].action_words, experience) for i in live]
-            prompt_ids = [engine.chat_ids(m) for m in messages]
-            completions = engine.generate(prompt_ids, sampling, seed=derive_seed(sampling_seed, turn))
-            for i, msgs, ids, c in zip(live, messages, prompt_ids, completions):
-                blocks = list(games[i].log_blocks)
-                _, _, _, _, info = games[i].step(c.text)
-                results[i].turns.append(Turn(turn, msgs, ids, blocks, c.text, c.token_ids,
-                                             info.get("action"), bool(info.get("valid"))))
-                if games[i].done:
-                    results[i].success, results[i].final_log = bool(games[i].success), games[i].game_log
-                    results[i].end_reason, results[i].final_block = games[i].end_reason, games[i].log_blocks[-1]
-                    bar.update(1)
+    for turn in log.progress(range(1, max_turns + 1), desc=desc, unit="turn"):
+        live = [i for i, g in enumerate(games) if not g.done]
+        if not live:
+            break
+        messages = [builder.game_turn(games[i].log_blocks, games[i].action_words, experience) for i in live]
+        prompt_ids = [engine.chat_ids(m) for m in messages]
+        completions = engine.generate(prompt_ids, sampling, seed=derive_seed(sampling_seed, turn))
+        for i, msgs, ids, c in zip(live, messages, prompt_ids, completions):
+            blocks = list(games[i].log_blocks)
+            _, _, _, _, info = games[i].step(c.text)
+            results[i].turns.append(Turn(turn, msgs, ids, blocks, c.text, c.token_ids,
+                                         info.get("action"), bool(info.get("valid"))))
+            if games[i].done:
+                results[i].success, results[i].final_log = bool(games[i].success), games[i].game_log
+                results[i].end_reason, results[i].final_block = games[i].end_reason, games[i].log_blocks[-1]
     return results

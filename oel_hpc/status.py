@@ -408,4 +408,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from oel_hpc.errors import exit_on_error
+
+    with exit_on_error(PROG):  # the rule of every entry point (oel_hpc/errors.py) for what main() does not catch
+        sys.exit(main())

@@ -160,7 +160,7 @@ def test_all_empty_experience_stops_consolidation(random_model_dir, tmp_path):
     identically zero) until the user allows it explicitly."""
     out = oel(tmp_path, f"model.path={random_model_dir}", "extract.eval_games=0", check=False)
     assert out.returncode == 2
-    assert "wrote an EMPTY experience_3" in out.stdout
+    assert "wrote an EMPTY experience_3" in out.stderr
     assert "every experience in" in out.stderr and "consolidate.allow_empty_experience=true" in out.stderr
     run = tmp_path / "tiny-frozenlake"
     assert not (run / "round_1/consolidate/DONE").exists()

@@ -36,7 +36,7 @@ def test_extractor_sees_the_ending_and_writes_items(tmp_path):
     assert (paths.experience(1, 0, 3)).read_text().startswith("- ")
 
 
-def test_thinking_model_that_never_closes_its_reasoning_gives_no_experience(tmp_path, capsys):
+def test_thinking_model_that_never_closes_its_reasoning_gives_no_experience(tmp_path, caplog):
     """The tiny model never writes </think>: with model.thinking=true every extractor answer is an unfinished
     reasoning, so nothing may be taken from it, and the run says so."""
     cfg, paths, rows = run_extract(tmp_path, "model.thinking=true")
@@ -44,8 +44,7 @@ def test_thinking_model_that_never_closes_its_reasoning_gives_no_experience(tmp_
     assert all(row["new_items"] == [] and "</think>" not in row["extractor_response"] for row in rows)
     assert any("- " in row["extractor_response"] for row in rows)  # it did write lines that look like items
     assert [paths.experience(1, 0, k).read_text() for k in (1, 2, 3)] == ["", "", ""]
-    assert "3 of 3 extractor answers were cut off at extract.extractor_sampling.max_new_tokens=48" in \
-        capsys.readouterr().err
+    assert "3 of 3 extractor answers were cut off at extract.extractor_sampling.max_new_tokens=48" in caplog.text
     [line] = [x for x in summary(cfg, paths).splitlines() if x.startswith("extractor answers cut off")]
     assert line.split() == ["extractor", "answers", "cut", "off", "3", "of", "3", "(100", "%)"]
     [line] = [x for x in summary(cfg, paths).splitlines() if x.startswith("extraction steps with items")]

@@ -15,7 +15,7 @@ from oel_hpc.rundir import RunPaths
 class StageContext:
     cfg: DictConfig
     paths: RunPaths
-    hashes: dict[str, str]  # node id → config hash, for the DONE markers
+    hashes: dict[str, str]  # node id → config hash (consolidation stamps its checkpoints with it)
     _engine: Optional[tuple[str, Any]] = field(default=None, repr=False)
 
     def stage_hash(self, r: int, stage: str) -> str:

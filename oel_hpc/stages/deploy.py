@@ -2,22 +2,23 @@
 saved, one file per consolidation step, with the game's outcome so the data stands on its own."""
 from __future__ import annotations
 
-from tqdm.auto import trange
+from pathlib import Path
 
+from oel_hpc import log
 from oel_hpc.games.seeds import deploy_seeds
 from oel_hpc.pipeline import model_path
 from oel_hpc.rollout import derive_seed, game_rules, play_games
-from oel_hpc.rundir import mark_done, write_jsonl_atomic
+from oel_hpc.rundir import write_jsonl_atomic
 from oel_hpc.stages.common import StageContext
 
 
-def run(ctx: StageContext, r: int, task=None) -> None:
+def run(ctx: StageContext, r: int, task=None) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
     engine = ctx.round_engine(r)
     builder = ctx.prompt_builder(engine)
     policy = paths.display(model_path(cfg, paths, r))
     outputs = []
-    for step in trange(1, cfg.deploy.steps + 1, desc=f"r{r} deploy", unit="step"):
+    for step in log.progress(range(1, cfg.deploy.steps + 1), desc=f"r{r} deploy", unit="step"):
         out = paths.deploy_step(r, step)
         outputs.append(out)
         if out.is_file():  # written atomically by an earlier, interrupted attempt: complete as it is
@@ -32,4 +33,4 @@ def run(ctx: StageContext, r: int, task=None) -> None:
              "log_blocks": t.log_blocks, "response": t.response, "response_token_ids": t.response_token_ids,
              "action": t.action, "valid": t.valid, "policy": policy, "success": g.success, "turns": len(g.turns)}
             for g in games for t in g.turns))
-    mark_done(paths, paths.done(r, "deploy"), ctx.stage_hash(r, "deploy"), outputs)
+    return outputs

@@ -5,11 +5,13 @@ consolidation's teacher sees its prompts: the level distillation aims at (game i
 round's non-empty experiences in list order)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from oel_hpc.experience import load_experience_list
 from oel_hpc.games.seeds import heldout_seeds
 from oel_hpc.pipeline import model_path
 from oel_hpc.rollout import GameResult, derive_seed, game_rules, play_games
-from oel_hpc.rundir import mark_done, write_json_atomic
+from oel_hpc.rundir import write_json_atomic
 from oel_hpc.stages.common import StageContext
 
 
@@ -31,7 +33,7 @@ def scores(games: list[GameResult]) -> dict:
             "invalid_rate": sum(not t.valid for t in turns) / len(turns)}
 
 
-def run(ctx: StageContext, r: int, step: int) -> None:
+def run(ctx: StageContext, r: int, step: int) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
     model = checkpoint_model(ctx, r, step)
     engine = ctx.engine(model)
@@ -53,4 +55,4 @@ def run(ctx: StageContext, r: int, step: int) -> None:
                 games += play(seeds[k::len(experiences)], text, desc=f"r{r} eval teacher {k + 1}/{len(experiences)}")
             result["teacher"] = {**scores(games), "experiences": len(experiences)}
     write_json_atomic(paths.eval_result(r, step), result)
-    mark_done(paths, paths.done(r, "evaluate", step), ctx.stage_hash(r, "evaluate"), [paths.eval_result(r, step)])
+    return [paths.eval_result(r, step)]

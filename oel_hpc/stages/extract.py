@@ -6,18 +6,19 @@ its own budget (extract.extractor_sampling); an answer cut off by it gives nothi
 (`extractor_truncated` in games.jsonl)."""
 from __future__ import annotations
 
-import sys
-
-from tqdm.auto import trange
+from pathlib import Path
 
 from oel_hpc import experience as exp
+from oel_hpc import log
 from oel_hpc.games.seeds import extract_seed, heldout_seeds
 from oel_hpc.rollout import derive_seed, game_rules, play_games
-from oel_hpc.rundir import mark_done, write_jsonl_atomic, write_text_atomic
+from oel_hpc.rundir import write_jsonl_atomic, write_text_atomic
 from oel_hpc.stages.common import StageContext
 
+logger = log.get_logger(__name__)
 
-def run(ctx: StageContext, r: int, seed: int) -> None:
+
+def run(ctx: StageContext, r: int, seed: int) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
     engine = ctx.round_engine(r)
     builder = ctx.prompt_builder(engine)
@@ -36,7 +37,7 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
         scores.append({"step": step, "pass_rate": sum(g.success for g in results) / len(results),
                        "experience_tokens": engine.count_tokens(text or "")})
 
-    for step in trange(1, cfg.extract.steps + 1, desc=f"r{r} extract seed {seed}", unit="step"):
+    for step in log.progress(range(1, cfg.extract.steps + 1), desc=f"r{r} extract seed {seed}", unit="step"):
         if cfg.extract.eval_games:
             score(step - 1)
         game_seed = extract_seed(r, seed, step, scheme=cfg.env.seeds, shared=cfg.extract.shared_games)
@@ -64,12 +65,11 @@ def run(ctx: StageContext, r: int, seed: int) -> None:
         score(cfg.extract.steps)
     truncated = sum(g["extractor_truncated"] for g in games)
     if truncated:
-        print(f"WARNING: r{r} extract seed {seed}: {truncated} of {len(games)} extractor answers were cut off at "
+        logger.warning(f"{truncated} of {len(games)} extractor answers were cut off at "
               f"extract.extractor_sampling.max_new_tokens={cfg.extract.extractor_sampling.max_new_tokens} "
-              "(no experience taken from a cut-off answer's unfinished part)", file=sys.stderr)
+              "(no experience taken from a cut-off answer's unfinished part)")
 
     seed_dir = paths.seed_dir(r, seed)
     write_jsonl_atomic(seed_dir / "games.jsonl", games)
     write_jsonl_atomic(seed_dir / "scores.jsonl", scores)
-    mark_done(paths, paths.done(r, "extract", seed), ctx.stage_hash(r, "extract"),
-              outputs + [seed_dir / "games.jsonl", seed_dir / "scores.jsonl"])
+    return outputs + [seed_dir / "games.jsonl", seed_dir / "scores.jsonl"]

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from oel_hpc import log
 from oel_hpc.errors import MissingInput
 from oel_hpc.experience import ExperienceEntry, entry_dict, read_source, sha256_text
-from oel_hpc.rundir import mark_done, write_json_atomic, write_text_atomic
+from oel_hpc.rundir import write_json_atomic, write_text_atomic
 from oel_hpc.stages.common import StageContext
 
-def run(ctx: StageContext, r: int, task=None) -> None:
+logger = log.get_logger(__name__)
+
+
+def run(ctx: StageContext, r: int, task=None) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
     tokenizer = ctx.tokenizer(r)
     entries = []
     for seed, step, path, text in _sources(cfg, paths, r):
         tokens = len(tokenizer.encode(text, add_special_tokens=False))
         if not text.strip():
-            print(f"WARNING: round {r} extraction seed {seed} wrote an EMPTY experience_{step} ({paths.rel(path)}): its rows would teach nothing")
+            logger.warning(f"round {r} extraction seed {seed} wrote an EMPTY experience_{step} ({paths.rel(path)}): "
+                           "its rows would teach nothing")
         entries.append(ExperienceEntry(seed, step, paths.rel(path), sha256_text(text), tokens))
     outputs = [paths.experience_list(r)] + [paths.root / e.path for e in entries]
     write_json_atomic(paths.experience_list(r), [entry_dict(e) for e in entries])
-    mark_done(paths, paths.done(r, "gather"), ctx.stage_hash(r, "gather"), outputs)
+    return outputs
 
 
 def _sources(cfg, paths, r: int):
