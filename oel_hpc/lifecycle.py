@@ -32,8 +32,7 @@ logger = log.get_logger(__name__)
 
 
 def started_marker(paths: RunPaths, node: Node, task: Optional[int]) -> Path:
-    done = paths.done(node.round, node.stage, task)
-    return done.with_name(done.name + ".started")
+    return paths.started(node.round, node.stage, task)
 
 
 def execute(ctx, node: Node, task: Optional[int], *, redo_changed: bool = False) -> bool:

@@ -149,6 +149,11 @@ class RunPaths:
                   "consolidate": self.consolidate_dir(r)}[stage]
         return folder / "DONE"
 
+    def started(self, r: int, stage: str, task: Optional[int] = None) -> Path:
+        """Written when a task starts (the config hash it runs under), removed when its DONE is written."""
+        done = self.done(r, stage, task)
+        return done.with_name(done.name + ".started")
+
 
 def read_done(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None

@@ -211,7 +211,7 @@ def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue:
         row["state"] = "unknown"
     else:  # no Slurm job: a local run (or not submitted yet): the manifest says what the runner is doing
         manifest_state = stage.get("state")
-        started = done_path.with_name(done_path.name + ".started") if done_path is not None else None
+        started = done_path.with_name(done_path.name + ".started") if done_path is not None else None  # rundir.started
         if manifest_state == "failed":
             row["state"] = "failed"
         elif manifest_state == "running" and started is not None and started.is_file():

@@ -189,8 +189,7 @@ def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: 
     they run, the folder their logs go to, and the manifest (stages already done marked so)."""
     for n in nodes:
         for task in to_submit.get(n.id, []):
-            done = paths.done(n.round, n.stage, task)
-            begun = read_done(done.with_name(done.name + ".started"))
+            begun = read_done(paths.started(n.round, n.stage, task))
             stale = (task_state(paths, n, task) == "changed"
                      or (begun is not None and begun.get("config_hash") != n.hash)
                      or (n.id in old and old[n.id].get("hash") != n.hash))
