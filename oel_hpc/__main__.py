@@ -20,7 +20,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.config import CONF_DIR, GROUPS, ConfigError, validate
+from oel_hpc.config import CONF_DIR, GROUPS, ConfigError, config_error, validate
 
 _GROUP_OVERRIDE = re.compile(r"^[+~]{0,2}(?P<group>\w+)=(?P<value>.*)$")
 
@@ -252,6 +252,9 @@ def main() -> None:
         try:
             cfg = compose_config(rest)
         except (HydraException, OmegaConfBaseException) as e:
+            bad_value = config_error(e)  # a value the schema refuses (not of its type, not one of its set)
+            if bad_value is not None:
+                raise bad_value from None
             if not wants_slurm:
                 hydra_main()  # a sweep, or an error Hydra reports in its own words
                 return

@@ -19,8 +19,7 @@ from typing import Optional
 
 
 def run(run_dir: Path, stage_id: str, task: Optional[int]) -> int:
-    from omegaconf import OmegaConf
-
+    from oel_hpc.config import load_run_config
     from oel_hpc.pipeline import build_dag, describe, task_state
     from oel_hpc.rundir import RunPaths
     from oel_hpc.stages import run_task
@@ -30,7 +29,7 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> int:
     if not paths.config.is_file():
         print(f"oel_hpc.worker: error: {paths.config} does not exist", file=sys.stderr)
         return 2
-    cfg = OmegaConf.load(paths.config)
+    cfg = load_run_config(paths.config)
     nodes = {n.id: n for n in build_dag(cfg)}
     if stage_id not in nodes:
         print(f"oel_hpc.worker: error: no stage '{stage_id}' in {paths.config} (stages: {', '.join(nodes)})",
