@@ -42,12 +42,12 @@ class Dtype(Choice):
     float16 = "float16"
 
 
-class Generator(Choice):  # oel_hpc.games.GENERATORS
+class Generator(Choice):  # the set oel_hpc.games.GENERATORS (test_config checks they agree)
     oel = "oel"
     textarena = "textarena"
 
 
-class SeedScheme(Choice):  # oel_hpc.games.SEED_SCHEMES
+class SeedScheme(Choice):  # the set oel_hpc.games.SEED_SCHEMES
     oel = "oel"
     paper = "paper"
 
@@ -57,7 +57,7 @@ class ExperienceMode(Choice):
     free_text = "free_text"
 
 
-class ParseStyle(Choice):  # oel_hpc.experience.PARSE_STYLES
+class ParseStyle(Choice):  # the set oel_hpc.experience.PARSE_STYLES
     marker = "marker"
     marker_anywhere = "marker_anywhere"
     list = "list"
@@ -192,7 +192,8 @@ class PromptsConfig:
 
 @dataclass
 class ExperienceConfig:
-    mode: ExperienceMode = ExperienceMode.items  # items: the extractor's marker lines | free_text: its whole answer is one item
+    # items: the extractor's marker lines | free_text: its whole answer is one item
+    mode: ExperienceMode = ExperienceMode.items
     marker: str = "- "  # items mode
     # items mode, which answer lines are items: marker (lines starting with it) | marker_anywhere (the marker
     # anywhere in a line, the authors' rule) | list (any bulleted or numbered line; small chat models)
@@ -305,7 +306,8 @@ def _stage_resources() -> dict[str, StageResources]:
 @dataclass
 class ClusterConfig:
     name: str = "local"
-    launcher: Launcher = Launcher.local  # local: every stage in this process | slurm: sbatch jobs chained by dependencies
+    # local: every stage in this process | slurm: sbatch jobs chained by dependencies
+    launcher: Launcher = Launcher.local
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
