@@ -22,7 +22,7 @@ STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
 # its hash covers exactly these, so a change to one of them redoes the stage (and what depends on it) and a change to
 # any other key does not. Keys that shape a stage's tasks count as read (extract.seeds; evaluate.steps and
 # consolidate.save_freq pick the checkpoints), since a node's hash covers all its tasks. Read through helpers:
-# ctx.engine → engine, trainer.device; the prompt builder's budgets (prompts.prompt_budgets) →
+# ctx.engine → engine, trainer.device; the prompt builder's budgets (oel_hpc.prompts.prompt_budgets) →
 # experience.max_tokens, prompts.tokens_per_turn, env.max_turns, extract.sampling.max_new_tokens (deploy,
 # consolidate and evaluate build only turn prompts, but the builder takes both budgets); rollout.game_rules →
 # env.generator, env.invalid_move_limit; an intermediate checkpoint's export (train/checkpoint.export_for_eval) →
