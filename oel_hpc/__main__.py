@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc import log
-from oel_hpc.config import CONF_DIR, GROUPS, validate
+from oel_hpc.config import CONF_DIR, GROUPS, config_error, validate
 from oel_hpc.errors import ConfigError, exit_on_error
 
 PROG = "oel_hpc"
@@ -246,6 +246,9 @@ def _main(argv: list[str]) -> None:
     try:
         cfg = compose_config(rest)
     except (HydraException, OmegaConfBaseException) as e:
+        bad_value = config_error(e)  # a value the schema refuses (not of its type, not one of its set)
+        if bad_value is not None:
+            raise bad_value from None
         if not wants_slurm:
             hydra_main()  # a sweep, or an error Hydra reports in its own words
             return

@@ -1,20 +1,24 @@
 """The configuration schema (structured configs registered with Hydra) and its validation.
 
-The YAML groups in `conf/` fill these dataclasses; OmegaConf type-checks every override against them. `validate`
-then checks what types cannot: values in range, files that must exist, cross-field limits. It runs before any
-stage starts, so bad input costs nothing.
+The YAML groups in `conf/` fill these dataclasses; OmegaConf type-checks every override against them, and a value
+that is one of a set is an enum (a `Choice`), so OmegaConf refuses any other. `validate` then checks what types
+cannot: values in range, files that must exist, cross-field limits. It runs before any stage starts, so bad input
+costs nothing. A job re-applies the schema when it reads its run's config.yaml (`load_run_config`).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from oel_hpc.errors import ConfigError  # noqa: F401  (raised by validate; imported from here by older code)
 
@@ -22,6 +26,102 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
 ASSETS_DIR = PACKAGE_DIR / "assets"
 GROUPS = ("env", "model", "engine", "trainer", "cluster", "experiment", "prompts")
+
+
+class Choice(str, Enum):
+    """A config value that is one of a set. A str, so code compares it with plain strings, and it prints, hashes
+    (json) and writes to YAML as its value: each member's name is its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Dtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Generator(Choice):  # the set oel_hpc.games.GENERATORS (test_config checks they agree)
+    oel = "oel"
+    textarena = "textarena"
+
+
+class SeedScheme(Choice):  # the set oel_hpc.games.SEED_SCHEMES
+    oel = "oel"
+    paper = "paper"
+
+
+class ExperienceMode(Choice):
+    items = "items"
+    free_text = "free_text"
+
+
+class ParseStyle(Choice):  # the set oel_hpc.experience.PARSE_STYLES
+    marker = "marker"
+    marker_anywhere = "marker_anywhere"
+    list = "list"
+
+
+class LossImpl(Choice):
+    auto = "auto"
+    chunked = "chunked"
+    fused = "fused"
+
+
+class EvalSteps(Choice):
+    first_last = "first_last"
+    all = "all"
+
+
+class EngineName(Choice):
+    hf = "hf"
+
+
+class TrainerName(Choice):
+    torch = "torch"
+    megatron = "megatron"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Parallel(Choice):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Attention(Choice):
+    auto = "auto"
+    sdpa = "sdpa"
+    te = "te"
+    local = "local"
+
+
+class Optimizer(Choice):
+    auto = "auto"
+    adamw = "adamw"
+    distributed = "distributed"
+
+
+class Launcher(Choice):
+    local = "local"
+    slurm = "slurm"
+
+
+class ContainerRuntime(Choice):
+    apptainer = "apptainer"
+    pyxis = "pyxis"
+
+
+class WandbMode(Choice):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
@@ -50,7 +150,7 @@ class ModelConfig:
     name: str = MISSING
     path: str = MISSING  # a Hugging Face folder, or a hub id resolved from the local cache
     thinking: bool = False  # Qwen3 thinking mode (`enable_thinking` of its chat template)
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     build: Optional[str] = None  # the command that makes `path` when it is missing (said in the error)
 
 
@@ -59,10 +159,10 @@ class EnvConfig:
     name: str = MISSING  # a key of oel_hpc.games.GAMES
     max_turns: int = 5  # model calls per game; invalid moves use calls too
     # Boards: oel = this project's generator | textarena = the authors' library (textarena 0.7.4), seed for seed
-    generator: str = "oel"
+    generator: Generator = Generator.oel
     # Game seeds of every stage: oel = held-out 0..n-1, training seeds hashed >= 2**20 | paper = the authors'
     # formulas (oel_hpc/games/seeds.py; needs extract.shared_games=true)
-    seeds: str = "oel"
+    seeds: SeedScheme = SeedScheme.oel
     # Consecutive invalid moves (no action, or a move into an edge/wall) that end the game, lost: textarena's
     # rule is 2. None = never.
     invalid_move_limit: Optional[int] = None
@@ -92,11 +192,12 @@ class PromptsConfig:
 
 @dataclass
 class ExperienceConfig:
-    mode: str = "items"  # items: the extractor's marker lines | free_text: its whole answer is one item
+    # items: the extractor's marker lines | free_text: its whole answer is one item
+    mode: ExperienceMode = ExperienceMode.items
     marker: str = "- "  # items mode
     # items mode, which answer lines are items: marker (lines starting with it) | marker_anywhere (the marker
     # anywhere in a line, the authors' rule) | list (any bulleted or numbered line; small chat models)
-    parse: str = "marker"
+    parse: ParseStyle = ParseStyle.marker
     max_tokens: int = 2048  # cap on the accumulated text; the newest complete items are kept
 
 
@@ -143,7 +244,7 @@ class ConsolidateConfig:
     chunk_size: int = 1024  # response positions per logits chunk
     # loss implementation: auto = the fused Triton kernel on CUDA (when triton imports), chunked PyTorch elsewhere;
     # chunked | fused force one (fused needs CUDA; trainer=megatron runs it at tp=1 only)
-    loss_impl: str = "auto"
+    loss_impl: LossImpl = LossImpl.auto
     micro_batch_tokens: int = 20480
     allow_empty_experience: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -152,7 +253,7 @@ class ConsolidateConfig:
 @dataclass
 class EvaluateConfig:
     games: int = 128
-    steps: str = "first_last"  # which checkpoints: first_last | all
+    steps: EvalSteps = EvalSteps.first_last  # which checkpoints: first_last | all
     # step 0 also plays the held-out games with the round's experience in context (the teacher's level)
     teacher: bool = True
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.8, top_k=20))
@@ -160,30 +261,30 @@ class EvaluateConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "hf"
+    name: EngineName = EngineName.hf
     max_batch: int = 256  # a generate call never holds more sequences than this
 
 
 @dataclass
 class TrainerConfig:
-    name: str = "torch"
-    device: str = "auto"  # auto | cpu | cuda
+    name: TrainerName = TrainerName.torch
+    device: Device = Device.auto
     # precision (train/precision.py): dtype = the compute dtype (forward, backward, teacher, sampling copy);
     # master_dtype = the weights the optimizer updates and its state: float32, or the compute dtype itself for pure
     # 16-bit training (warned: small updates round away); export_dtype = the exported model's, null = master_dtype
-    dtype: str = "float32"
-    master_dtype: str = "float32"
-    export_dtype: Optional[str] = None
+    dtype: Dtype = Dtype.float32
+    master_dtype: Dtype = Dtype.float32
+    export_dtype: Optional[Dtype] = None
     # With several processes (Slurm tasks or torchrun): replicate (ddp) or shard (fsdp: FSDP2 fully_shard).
-    parallel: str = "ddp"
+    parallel: Parallel = Parallel.ddp
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
     # trainer=megatron only: tensor-parallel size (data parallel = ranks / tp) and the core attention
     # (auto = TransformerEngine when installed, else sdpa; local = megatron's stock unfused attention)
     tp: int = 1
-    attention: str = "auto"
+    attention: Attention = Attention.auto
     # trainer=megatron only: auto = distributed on CUDA (float32/bfloat16), adamw otherwise; adamw = torch AdamW on
     # each rank's shard; distributed = megatron's distributed optimizer (state sharded over data parallel, CUDA only)
-    optimizer: str = "auto"
+    optimizer: Optimizer = Optimizer.auto
 
 
 @dataclass
@@ -205,7 +306,8 @@ def _stage_resources() -> dict[str, StageResources]:
 @dataclass
 class ClusterConfig:
     name: str = "local"
-    launcher: str = "local"  # local: every stage in this process | slurm: sbatch jobs chained by dependencies
+    # local: every stage in this process | slurm: sbatch jobs chained by dependencies
+    launcher: Launcher = Launcher.local
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -220,7 +322,7 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run first in every job (module load, ...)
     python: str = "python"  # the interpreter on the compute nodes
     container: Optional[str] = None  # an Apptainer image (.sif) or, with pyxis, an enroot image
-    container_runtime: str = "apptainer"  # apptainer | pyxis
+    container_runtime: ContainerRuntime = ContainerRuntime.apptainer
     # bound into the container besides the run directory, a local model folder and gather.source's folder
     # (e.g. the Hugging Face cache when model.path is a hub id)
     container_binds: list[str] = field(default_factory=list)
@@ -236,7 +338,7 @@ class LaunchConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    mode: WandbMode = WandbMode.auto  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
     project: str = "oel_hpc"
 
 
@@ -284,7 +386,6 @@ register()
 # Validation
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPES = ("float32", "bfloat16", "float16")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -339,32 +440,11 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     if cfg.env.name not in GAMES:
         raise ConfigError("env.name", f"unknown game '{cfg.env.name}' (choose from: {', '.join(GAMES)})")
     validate_env(cfg)
-    for key in ("model.dtype", "trainer.dtype"):
-        if OmegaConf.select(cfg, key) not in _DTYPES:
-            raise ConfigError(key, f"must be one of {_DTYPES}, got '{OmegaConf.select(cfg, key)}'")
-    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("trainer.device", f"must be auto, cpu or cuda, got '{cfg.trainer.device}'")
-    if cfg.engine.name != "hf":
-        raise ConfigError("engine.name", f"unknown engine '{cfg.engine.name}' (available: hf)")
-    if cfg.trainer.parallel not in ("ddp", "fsdp"):
-        raise ConfigError("trainer.parallel", f"must be ddp or fsdp, got '{cfg.trainer.parallel}'")
-    if cfg.cluster.launcher not in ("local", "slurm"):
-        raise ConfigError("cluster.launcher", f"must be local or slurm, got '{cfg.cluster.launcher}'")
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
         validate_cluster(cfg)
     validate_trainer(cfg)
-    if cfg.evaluate.steps not in ("first_last", "all"):
-        raise ConfigError("evaluate.steps", f"must be first_last or all, got '{cfg.evaluate.steps}'")
-    if cfg.wandb.mode not in ("auto", "online", "offline", "disabled"):
-        raise ConfigError("wandb.mode", f"must be auto, online, offline or disabled, got '{cfg.wandb.mode}'")
-    if cfg.experience.mode not in ("items", "free_text"):
-        raise ConfigError("experience.mode", f"must be items or free_text, got '{cfg.experience.mode}'")
     if not cfg.experience.marker.strip():
         raise ConfigError("experience.marker", "must contain a visible character")
-    from oel_hpc.experience import PARSE_STYLES
-
-    if cfg.experience.parse not in PARSE_STYLES:
-        raise ConfigError("experience.parse", f"must be one of {', '.join(PARSE_STYLES)}, got '{cfg.experience.parse}'")
     _positive(
         cfg,
         "pipeline.rounds", "env.max_turns", "prompts.tokens_per_turn", "experience.max_tokens",
@@ -379,12 +459,10 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     if cfg.consolidate.keep_checkpoints is not None and cfg.consolidate.keep_checkpoints <= 0:
         raise ConfigError("consolidate.keep_checkpoints", "must be positive or null")
     loss_impl = cfg.consolidate.loss_impl
-    if loss_impl not in ("auto", "chunked", "fused"):
-        raise ConfigError("consolidate.loss_impl", f"must be auto, chunked or fused, got '{loss_impl}'")
     if loss_impl == "fused" and cfg.trainer.device == "cpu":
         raise ConfigError("consolidate.loss_impl", "fused is the Triton GPU kernel, but trainer.device=cpu; use "
                           "consolidate.loss_impl=chunked (or auto: chunked on CPU)")
-    if loss_impl == "fused" and cfg.trainer.name == "megatron" and cfg.trainer.get("tp", 1) > 1:
+    if loss_impl == "fused" and cfg.trainer.name == "megatron" and cfg.trainer.tp > 1:
         raise ConfigError("consolidate.loss_impl", f"fused is not vocab-parallel: trainer=megatron at "
                           f"tp={cfg.trainer.tp} runs the chunked loss only; use consolidate.loss_impl=auto or chunked")
     if cfg.extract.use_step > cfg.extract.steps:
@@ -406,7 +484,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         try:
             model_dir = resolve_model_dir(cfg.model.path)
         except ConfigError as e:
-            build = cfg.model.get("build")
+            build = cfg.model.build
             raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]}" + (f"; make it with: {build}" if build else ""))
         if model_dir is not None:
             model_config = json.loads((model_dir / "config.json").read_text())
@@ -422,14 +500,9 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
 def validate_env(cfg: DictConfig) -> None:
     """Generator, seed scheme and the invalid-move rule; with the authors' seed formulas, no training game may be
     a held-out game (their formulas only keep apart the sizes they used)."""
-    from oel_hpc.games import GENERATORS, SEED_SCHEMES
     from oel_hpc.games.seeds import heldout_collisions
 
     env = cfg.env
-    if env.generator not in GENERATORS:
-        raise ConfigError("env.generator", f"must be one of {', '.join(GENERATORS)}, got '{env.generator}'")
-    if env.seeds not in SEED_SCHEMES:
-        raise ConfigError("env.seeds", f"must be one of {', '.join(SEED_SCHEMES)}, got '{env.seeds}'")
     limit = env.invalid_move_limit
     if limit is not None and limit < 1:
         raise ConfigError("env.invalid_move_limit", f"must be positive or null, got {limit}")
@@ -455,16 +528,11 @@ def validate_env(cfg: DictConfig) -> None:
 def validate_precision(t: DictConfig) -> None:
     """trainer.dtype / master_dtype / export_dtype: float32 master weights with any compute dtype, or pure 16-bit
     (master = compute) when asked for explicitly; never a master narrower than the compute."""
-    master, export = t.get("master_dtype", "float32"), t.get("export_dtype")
-    if master not in _DTYPES:
-        raise ConfigError("trainer.master_dtype", f"must be one of {_DTYPES}, got '{master}'")
-    if export is not None and export not in _DTYPES:
-        raise ConfigError("trainer.export_dtype", f"must be null (= trainer.master_dtype) or one of {_DTYPES}, "
-                          f"got '{export}'")
+    master = t.master_dtype
     if master not in ("float32", t.dtype):
         raise ConfigError("trainer.master_dtype", f"must be float32 (master weights for trainer.dtype={t.dtype} "
                           f"compute) or trainer.dtype itself (pure {t.dtype} training), got '{master}'")
-    if t.name == "megatron" and t.get("optimizer", "auto") == "distributed" and master != "float32":
+    if t.name == "megatron" and t.optimizer == "distributed" and master != "float32":
         raise ConfigError("trainer.master_dtype", f"megatron's distributed optimizer always keeps float32 master "
                           f"weights; pure {master} training (trainer.master_dtype={master}) needs "
                           "trainer.optimizer=adamw (auto picks it)")
@@ -472,12 +540,8 @@ def validate_precision(t: DictConfig) -> None:
 
 def validate_trainer(cfg: DictConfig) -> None:
     t = cfg.trainer
-    if t.name not in ("torch", "megatron"):
-        raise ConfigError("trainer.name", f"unknown trainer '{t.name}' (available: torch, megatron)")
     validate_precision(t)
-    optimizer = t.get("optimizer", "auto")
-    if optimizer not in ("auto", "adamw", "distributed"):
-        raise ConfigError("trainer.optimizer", f"must be auto, adamw or distributed, got '{optimizer}'")
+    optimizer = t.optimizer
     if t.name != "megatron":
         if optimizer == "distributed":
             raise ConfigError("trainer.optimizer", "distributed is megatron's distributed optimizer: it needs "
@@ -490,10 +554,8 @@ def validate_trainer(cfg: DictConfig) -> None:
         if t.dtype == "float16":
             raise ConfigError("trainer.optimizer", "distributed supports float32 and bfloat16, not float16 (it would "
                               "need a loss scaler); use trainer.dtype=bfloat16 or trainer.optimizer=adamw")
-    if not isinstance(t.tp, int) or t.tp < 1:
+    if t.tp < 1:
         raise ConfigError("trainer.tp", f"must be a positive integer, got {t.tp}")
-    if t.attention not in ("auto", "sdpa", "te", "local"):
-        raise ConfigError("trainer.attention", f"must be auto, sdpa, te or local, got '{t.attention}'")
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
         res = cfg.cluster.resources.consolidate
         ranks = res.nodes * res.tasks_per_node
@@ -515,8 +577,6 @@ def validate_cluster(cfg: DictConfig) -> None:
     from oel_hpc import slurm
 
     c = cfg.cluster
-    if c.container_runtime not in ("apptainer", "pyxis"):
-        raise ConfigError("cluster.container_runtime", f"must be apptainer or pyxis, got '{c.container_runtime}'")
     for key in ("name", "partition", "account", "qos", "constraint", "gpu_type", "python", "container"):
         value = c[key]
         if value is not None:
@@ -554,3 +614,45 @@ def validate_cluster(cfg: DictConfig) -> None:
         for i, b in enumerate(c.container_binds):
             slurm.check_bind_path(f"cluster.container_binds[{i}]", str(b))
         slurm.check_bind_path("run.root", str(Path(cfg.run.root).expanduser().resolve()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OmegaConf's own errors as one line, and a run's config.yaml read back with the schema
+
+
+def _choices(exc: ValidationError) -> Optional[str]:
+    """'must be a, b or c, got 'x'' when the key's schema type is a Choice (or an Optional one)."""
+    owner = exc.object_type
+    if not (isinstance(owner, type) and is_dataclass(owner)):
+        return None
+    hint = get_type_hints(owner).get(str(exc.key))
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    kind = next((a for a in get_args(hint) if a is not type(None)), None) if optional else hint
+    if not (isinstance(kind, type) and issubclass(kind, Choice)):
+        return None
+    allowed = (["null"] if optional else []) + [c.value for c in kind]
+    listed = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+    return f"must be {listed}, got '{exc.value}'"
+
+
+def config_error(exc: BaseException) -> Optional[ConfigError]:
+    """The one-line ConfigError for an OmegaConf error about one key (a value not of its type or not one of its
+    set, a key the schema does not have), found in `exc` or what caused it (Hydra wraps them); None if none is."""
+    while exc is not None:
+        if isinstance(exc, OmegaConfBaseException) and getattr(exc, "full_key", None):
+            if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+                return ConfigError(exc.full_key, "no such key in the config schema")
+            if isinstance(exc, ValidationError):
+                return ConfigError(exc.full_key, _choices(exc) or str(exc.msg).split("\n")[0])
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run's config.yaml typed by the schema again, as it was when composed (enums, ints, no unknown key). A
+    file written before a key was added to the schema gets that key's default."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(OELConfig), OmegaConf.load(path))
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        why = config_error(e)
+        raise ConfigError(str(path), str(why) if why else str(e).strip().split("\n")[0]) from None

@@ -18,15 +18,38 @@ from oel_hpc.rundir import RunPaths, config_hash, read_done, sha256_file, write_
 
 STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
 
-# The config sections each stage reads (besides its upstream stages and the round's model).
+# The config keys each stage reads (a section: every key in it), besides its upstream stages and the round's model:
+# its hash covers exactly these, so a change to one of them redoes the stage (and what depends on it) and a change to
+# any other key does not. Keys that shape a stage's tasks count as read (extract.seeds; evaluate.steps and
+# consolidate.save_freq pick the checkpoints), since a node's hash covers all its tasks. Read through helpers:
+# ctx.engine → engine, trainer.device; the prompt builder's budgets (oel_hpc.prompts.prompt_budgets) →
+# experience.max_tokens, prompts.tokens_per_turn, env.max_turns, extract.sampling.max_new_tokens (deploy,
+# consolidate and evaluate build only turn prompts, but the builder takes both budgets); rollout.game_rules →
+# env.generator, env.invalid_move_limit; an intermediate checkpoint's export (train/checkpoint.export_for_eval) →
+# trainer.dtype, master_dtype, export_dtype. tests/test_stage_keys.py runs every stage with only these keys (and
+# UNHASHED_KEYS) in its config, so a read of any other key fails there.
 STAGE_KEYS = {
-    "extract": ("env", "prompts", "experience", "extract", "engine", "pipeline.seed"),
-    "gather": ("extract.use_step", "gather"),
-    "deploy": ("env", "prompts", "deploy", "engine", "pipeline.seed"),
-    "consolidate": ("env", "prompts", "consolidate", "trainer", "pipeline.seed"),
-    "evaluate": ("env", "prompts", "evaluate", "engine", "consolidate.steps", "consolidate.save_freq",
-                 "pipeline.seed"),
+    "extract": ("env", "prompts", "experience", "extract.seeds", "extract.steps", "extract.show_previous",
+                "extract.eval_games", "extract.shared_games", "extract.sampling", "extract.extractor_sampling",
+                "engine", "trainer.device", "pipeline.seed"),
+    "gather": ("extract.seeds", "extract.use_step", "gather"),
+    "deploy": ("env", "prompts", "experience.max_tokens", "extract.sampling.max_new_tokens", "deploy", "engine",
+               "trainer.device", "pipeline.seed"),
+    "consolidate": ("env.name", "env.max_turns", "prompts", "experience.max_tokens",
+                    "extract.sampling.max_new_tokens", "consolidate", "engine.max_batch", "trainer",
+                    "pipeline.seed"),
+    "evaluate": ("env", "prompts", "experience.max_tokens", "extract.sampling.max_new_tokens", "evaluate", "engine",
+                 "trainer.device", "trainer.dtype", "trainer.master_dtype", "trainer.export_dtype",
+                 "consolidate.steps", "consolidate.save_freq", "pipeline.seed"),
 }
+
+# What stages may read that no stage hash covers, on purpose: model.* enters every hash through the model hash
+# (model.path, dtype, thinking; model.name and model.build are labels); run.* says where the run lives and whether a
+# changed stage may be redone (consolidation also names its wandb run after run.name); cluster.* and launch.* say
+# where and how jobs run, not what they compute (cluster.requeue: what a preempted job does next); wandb.* is where
+# metrics are also sent; experiment is the recipe's name; pipeline.rounds adds or drops rounds after the ones that
+# are there, leaving those as they are.
+UNHASHED_KEYS = ("model", "run", "cluster", "launch", "wandb", "experiment", "pipeline.rounds")
 
 
 @dataclass

@@ -25,8 +25,7 @@ PROG = "oel_hpc.worker"
 
 
 def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
-    from omegaconf import OmegaConf
-
+    from oel_hpc.config import load_run_config
     from oel_hpc.lifecycle import execute
     from oel_hpc.pipeline import build_dag
     from oel_hpc.rundir import RunPaths
@@ -35,7 +34,7 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     paths = RunPaths(run_dir.resolve())
     if not paths.config.is_file():
         raise MissingInput(paths.config, f"{paths.config} does not exist")
-    cfg = OmegaConf.load(paths.config)
+    cfg = load_run_config(paths.config)
     nodes = {n.id: n for n in build_dag(cfg)}
     if stage_id not in nodes:
         raise ConfigError(stage_id, f"no such stage in {paths.config} (stages: {', '.join(nodes)})")

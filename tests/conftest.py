@@ -27,10 +27,16 @@ def compose(overrides=()):
     """The config `python -m oel_hpc <overrides>` would run with."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from oel_hpc.config import CONF_DIR
+    from oel_hpc.config import CONF_DIR, config_error
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        try:
+            return hydra_compose(config_name="config", overrides=list(overrides))
+        except Exception as e:  # a value the schema refuses: the ConfigError `python -m oel_hpc` reports
+            refused = config_error(e)
+            if refused is None:
+                raise
+            raise refused from None
 
 
 @pytest.fixture

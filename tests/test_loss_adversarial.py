@@ -517,13 +517,11 @@ def test_config_loss_impl(overrides, ok):
     if "trainer=megatron" in overrides:
         pytest.importorskip("megatron.core", reason="trainer=megatron validates only with megatron-core installed")
 
-    cfg = compose(overrides)
-    assert cfg.consolidate.loss_impl in ("auto", "chunked", "fused", "triton")
     if ok:
-        validate(cfg, check_files=False)
+        validate(compose(overrides), check_files=False)
         return
-    with pytest.raises(ConfigError) as e:
-        validate(cfg, check_files=False)
+    with pytest.raises(ConfigError) as e:  # an unknown name already when composing (the schema's enum)
+        validate(compose(overrides), check_files=False)
     assert e.value.key == "consolidate.loss_impl"
 
 

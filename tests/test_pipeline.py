@@ -68,10 +68,14 @@ def test_plan_skips_done_and_refuses_changed(tmp_path):
 
 @pytest.mark.parametrize("overrides", [[], ["experiment=frozenlake_qwen3_8b"], ["pipeline.rounds=3", "consolidate.lr=2e-4"]])
 def test_hashes_survive_the_config_file(tmp_path, overrides):
-    """Batch jobs rebuild the DAG from the run's config.yaml: they must find the same hashes as the submitter."""
+    """Batch jobs rebuild the DAG from the run's config.yaml: they must find the same hashes as the submitter (the
+    schema re-applied or not)."""
     from omegaconf import OmegaConf
+
+    from oel_hpc.config import load_run_config
 
     cfg = compose(overrides)
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    reloaded = OmegaConf.load(tmp_path / "config.yaml")
-    assert [(n.id, n.hash) for n in build_dag(reloaded)] == [(n.id, n.hash) for n in build_dag(cfg)]
+    expected = [(n.id, n.hash) for n in build_dag(cfg)]
+    assert [(n.id, n.hash) for n in build_dag(load_run_config(tmp_path / "config.yaml"))] == expected
+    assert [(n.id, n.hash) for n in build_dag(OmegaConf.load(tmp_path / "config.yaml"))] == expected

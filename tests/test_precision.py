@@ -474,12 +474,12 @@ def test_mixed_precision_checkpoint_resumes_exactly(small_run, tmp_path, backend
 
 # ------------------------------------------------------------------------------------------------ the keys
 @pytest.mark.parametrize("overrides,key,message", [
-    (["trainer.master_dtype=float64"], "trainer.master_dtype", "must be one of"),
-    (["trainer.export_dtype=int8"], "trainer.export_dtype", "must be null"),
+    (["trainer.master_dtype=float64"], "trainer.master_dtype", "must be float32, bfloat16 or float16, got 'float64'"),
+    (["trainer.export_dtype=int8"], "trainer.export_dtype", "must be null, float32, bfloat16 or float16"),
     (["trainer.dtype=bfloat16", "trainer.master_dtype=float16"], "trainer.master_dtype",
      "must be float32 .* or trainer.dtype itself"),
     (["trainer.master_dtype=bfloat16"], "trainer.master_dtype", "must be float32"),  # compute float32, master bf16
-    (["trainer.dtype=double"], "trainer.dtype", "must be one of"),
+    (["trainer.dtype=double"], "trainer.dtype", "must be float32, bfloat16 or float16, got 'double'"),
 ])
 def test_config_refuses_a_precision_that_cannot_run(overrides, key, message):
     from oel_hpc.config import ConfigError, validate
