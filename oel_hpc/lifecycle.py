@@ -24,7 +24,7 @@ from typing import Mapping, Optional
 
 from oel_hpc import log
 from oel_hpc.errors import StageConflict
-from oel_hpc.pipeline import Node, clear_outputs, describe, now, task_state
+from oel_hpc.pipeline import Node, clear_outputs, conflict_message, describe, now, task_state
 from oel_hpc.rundir import RunPaths, mark_done, read_done, write_json_atomic
 from oel_hpc.stages import run_task
 
@@ -45,8 +45,7 @@ def execute(ctx, node: Node, task: Optional[int], *, redo_changed: bool = False)
         logger.info(f"{name} is already done")
         return False
     if state == "changed" and not redo_changed:
-        raise StageConflict(f"{name} finished under another config in {paths.root}: its outputs would not match; "
-                            "launch again with run.overwrite=true to redo it, or use another run.name")
+        raise StageConflict(conflict_message(paths, node, task))
     main = _is_rank_zero()
     marker = started_marker(paths, node, task)
     log.set_context(stage=name)

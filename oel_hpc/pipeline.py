@@ -14,7 +14,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc.errors import ConfigError, StageConflict
-from oel_hpc.rundir import RunPaths, config_hash, read_done, sha256_file, write_json_atomic
+from oel_hpc.rundir import HASH_SCHEME, RunPaths, config_hash, read_done, sha256_file, write_json_atomic
 
 STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
 
@@ -145,6 +145,15 @@ def describe(node: Node, task: Optional[int]) -> str:
     return node.id if task is None else f"{node.id} ({label} {task})"
 
 
+def conflict_message(paths: RunPaths, node: Node, task: Optional[int]) -> str:
+    """Why a finished task cannot be reused, and how to go on."""
+    done = read_done(paths.done(node.round, node.stage, task)) or {}
+    why = ("was made by an older oel_hpc whose stage hashes cover other config keys, so it cannot be checked against "
+           "this config" if done.get("hash_scheme") != HASH_SCHEME else "already finished with a different config")
+    return (f"{describe(node, task)} {why} (run directory {paths.root}): use another run.name, or run.overwrite=true "
+            "to redo it and everything downstream")
+
+
 def plan(paths: RunPaths, nodes: list[Node], overwrite: bool) -> list[tuple[Node, list[Optional[int]]]]:
     """The tasks still to run, per node. A task finished under another config is an error unless `overwrite`."""
     todo = []
@@ -153,10 +162,7 @@ def plan(paths: RunPaths, nodes: list[Node], overwrite: bool) -> list[tuple[Node
         for task in node.task_ids():
             state = task_state(paths, node, task)
             if state == "changed" and not overwrite:
-                raise StageConflict(
-                    f"{describe(node, task)} already finished with a different config in {paths.root}; "
-                    "its outputs would not match this config: use another run.name, or run.overwrite=true "
-                    "to redo it and everything downstream")
+                raise StageConflict(conflict_message(paths, node, task))
             if state != "done":
                 tasks.append(task)
         if tasks:

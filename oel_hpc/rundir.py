@@ -159,9 +159,15 @@ def read_done(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# How stage hashes are made (pipeline.STAGE_KEYS): 2 = each stage hashes exactly the keys it reads. A DONE marker
+# without it was written by an older oel_hpc, whose hashes cover other keys; such a stage reads as "changed".
+HASH_SCHEME = 2
+
+
 def mark_done(paths: RunPaths, done_path: Path, stage_hash: str, outputs: Iterable[Path]) -> None:
     write_json_atomic(done_path, {
         "config_hash": stage_hash,
+        "hash_scheme": HASH_SCHEME,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "outputs": {paths.rel(p): sha256_file(p) for p in sorted(outputs)},
     })

@@ -145,7 +145,7 @@ def test_the_worker_refuses_a_task_done_under_another_config(tmp_path):
     mark_done(paths, paths.done(1, "gather"), "another-config", [])
     job = worker(paths.root, "r1/gather")
     assert job.returncode == 2
-    assert error_line(job, "oel_hpc.worker").startswith("r1/gather finished under another config")
+    assert error_line(job, "oel_hpc.worker").startswith("r1/gather already finished with a different config")
     assert json.loads(paths.done(1, "gather").read_text())["config_hash"] == "another-config"  # left alone
 
 

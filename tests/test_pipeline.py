@@ -1,4 +1,6 @@
 """The DAG: dependencies, hashes that follow the config, and what a rerun would do."""
+import json
+
 import pytest
 
 from oel_hpc.pipeline import StageConflict, build_dag, model_path, plan
@@ -64,6 +66,21 @@ def test_plan_skips_done_and_refuses_changed(tmp_path):
         plan(paths, nodes, overwrite=False)
     todo = dict((n.id, t) for n, t in plan(paths, nodes, overwrite=True))
     assert todo["r1/extract"] == [1]
+
+
+def test_a_done_marker_of_an_older_hash_scheme_is_named_as_such(tmp_path):
+    """A DONE written before stage hashes covered exactly the keys a stage reads has no hash_scheme: the refusal
+    says the run is older, not that the user changed the config."""
+    paths = RunPaths(tmp_path)
+    nodes = build_dag(compose())
+    out = paths.experience(1, 0, 3)
+    out.parent.mkdir(parents=True)
+    out.write_text("- x")
+    done = paths.done(1, "extract", 0)
+    done.write_text(json.dumps({"config_hash": "hash-of-the-old-scheme", "finished_at": "2026-11-30T00:00:00+0000",
+                                "outputs": {paths.rel(out): "0" * 64}}))
+    with pytest.raises(StageConflict, match=r"r1/extract \(seed 0\) was made by an older oel_hpc"):
+        plan(paths, nodes, overwrite=False)
 
 
 @pytest.mark.parametrize("overrides", [[], ["experiment=frozenlake_qwen3_8b"], ["pipeline.rounds=3", "consolidate.lr=2e-4"]])
