@@ -62,8 +62,8 @@ def stage_resources(cfg: DictConfig, stage: str) -> Resources:
     return Resources(nodes=r.nodes, tasks_per_node=r.tasks_per_node,
                      gpus_per_node=pick(r.gpus_per_node, c.gpus_per_node),
                      cpus_per_task=pick(r.cpus_per_task, c.cpus_per_task),
-                     mem_gb=pick(r.get("mem_gb"), c.mem_gb), time_min=r.time_min,
-                     exclusive=bool(r.get("exclusive", False)))
+                     mem_gb=pick(r.mem_gb, c.mem_gb), time_min=r.time_min,
+                     exclusive=r.exclusive)
 
 
 def container_binds(cfg: DictConfig, run_dir: Path) -> list[str]:
@@ -131,7 +131,7 @@ def directives(cfg: DictConfig, run_dir: Path, node) -> list[tuple[str, str]]:
     d += [("--nodes", str(res.nodes)), ("--ntasks-per-node", str(res.tasks_per_node)),
           ("--cpus-per-task", str(res.cpus_per_task))]
     if res.gpus_per_node > 0:
-        gpu = f"gpu:{c.gpu_type}:{res.gpus_per_node}" if c.get("gpu_type") else f"gpu:{res.gpus_per_node}"
+        gpu = f"gpu:{c.gpu_type}:{res.gpus_per_node}" if c.gpu_type else f"gpu:{res.gpus_per_node}"
         d.append(("--gres", gpu))
     if res.mem_gb is not None:
         d.append(("--mem", f"{res.mem_gb}G" if res.mem_gb > 0 else "0"))
@@ -172,7 +172,7 @@ def render_script(cfg: DictConfig, run_dir: Path, node) -> str:
         _no_control(f"cluster.container_binds[{i}]", str(b))
     lines = ["#!/bin/bash",
              f"# oel_hpc: {node.id} of run '{cfg.run.name}'"
-             f" (experiment {cfg.get('experiment') or '-'}, cluster {c.name}), stage config hash {node.hash}.",
+             f" (experiment {cfg.experiment or '-'}, cluster {c.name}), stage config hash {node.hash}.",
              "# Rendered from the run's config.yaml; do not edit: re-render with launch.render_only=true.",
              "# Submitted by the Slurm launcher with --array=<pending tasks> and --dependency=afterok:<upstream jobs>."]
     for opt, value in directives(cfg, run_dir, node):
