@@ -60,6 +60,16 @@ def _install() -> None:
     logger.setLevel(os.environ.get("OEL_LOG_LEVEL", "INFO").upper())
     logger.propagate = False
     logger._oel_installed = True
+    if not sys.stderr.isatty():
+        _quiet_library_bars()
+
+
+def _quiet_library_bars() -> None:
+    """transformers and huggingface_hub draw their own bars (loading weights, writing shards); in a batch log they
+    are redraw noise. Their switch is read when they are imported, so set it early and flip it if already loaded."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 class _Stderr(logging.StreamHandler):
