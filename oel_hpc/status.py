@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from oel_hpc.errors import ConfigError, MissingInput, OelError, SlurmError, exit_code
+from oel_hpc.errors import ConfigError, MissingInput, SlurmError, exit_on_error
 from oel_hpc.rundir import RunPaths
 from oel_hpc.slurm import FINAL, PENDING, RUNNING, Runner, Slurm, job_ref, never_starts, parse_job_id, phase
 
@@ -375,16 +375,11 @@ def main(argv=None) -> int:
                         help="print the data as JSON (with --watch: one JSON object per line per refresh)")
     args = parser.parse_args(argv)
     if args.watch is not None and not args.watch > 0:
-        print(f"{PROG}: error: --watch needs a positive number of seconds, not {args.watch:g}", file=sys.stderr)
-        return 2
+        raise ConfigError("--watch", f"needs a positive number of seconds, not {args.watch:g}")
     tty = sys.stdout.isatty()
     try:
         while True:
-            try:
-                report = collect(args.run_dir)
-            except OelError as e:  # bad input: one line, exit status 2 (errors.exit_code)
-                print(f"{PROG}: error: {e}", file=sys.stderr)
-                return exit_code(e)
+            report = collect(args.run_dir)  # bad input raises a ConfigError: one line, exit 2 (errors.py)
             if args.json:
                 text = json.dumps(report, indent=None if args.watch else 2)
             else:
@@ -407,8 +402,10 @@ def main(argv=None) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    from oel_hpc.errors import exit_on_error
-
-    with exit_on_error(PROG):  # the rule of every entry point (oel_hpc/errors.py) for what main() does not catch
+def cli() -> None:
+    with exit_on_error(PROG):  # the exit-status rule of every entry point (oel_hpc/errors.py)
         sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
