@@ -147,7 +147,7 @@ def load_experience_list(list_file: Path, run_dir: Path) -> tuple[list[Experienc
         raise MissingInput(list_file, f"experience list {list_file} does not exist (has the gather stage run?)")
     rows = json.loads(list_file.read_text())
     if not rows:
-        raise ValueError(f"experience list {list_file} has no entries")
+        raise ConfigError(str(list_file), "the experience list has no entries")
     entries, texts = [], []
     for row in rows:
         entry = ExperienceEntry(**row)
@@ -156,7 +156,7 @@ def load_experience_list(list_file: Path, run_dir: Path) -> tuple[list[Experienc
             raise MissingInput(path, f"experience file {path} (listed in {list_file}) does not exist")
         text = path.read_text()
         if sha256_text(text) != entry.sha256:
-            raise ValueError(f"experience file {path} changed since {list_file} was written (sha256 differs)")
+            raise ConfigError(str(path), f"changed since {list_file} was written (sha256 differs): redo gather (run.overwrite=true)")
         entries.append(entry)
         texts.append(text)
     return entries, texts

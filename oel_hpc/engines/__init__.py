@@ -5,6 +5,7 @@ Chosen by `engine.name`; heavy imports happen only when an engine is built.
 from __future__ import annotations
 
 from oel_hpc.engines.base import Completion  # noqa: F401  (the engines' result type)
+from oel_hpc.errors import ConfigError
 
 
 def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinking: bool):
@@ -13,4 +14,4 @@ def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinki
 
         return HFEngine.load(model_path, dtype=dtype, device=device, max_batch=engine_cfg.max_batch,
                              thinking=thinking)
-    raise ValueError(f"engine.name: unknown engine '{engine_cfg.name}'")
+    raise ConfigError("engine.name", f"unknown engine '{engine_cfg.name}'")
