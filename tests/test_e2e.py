@@ -114,7 +114,7 @@ def test_interrupted_consolidation_resumes_to_the_same_weights(first_run, tmp_pa
     for p in (copy / "round_1/eval").glob("*"):
         p.unlink()
     out = oel(tmp_path)
-    assert "resumed from checkpoint step 1" in out.stdout
+    assert "resumed from checkpoint step 1" in out.stderr
     original = load_file(run / "round_1/consolidate/hf/model.safetensors")
     resumed = load_file(consolidate / "hf/model.safetensors")
     assert original.keys() == resumed.keys()

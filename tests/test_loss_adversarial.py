@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oel_hpc.train import loss as loss_mod
+from oel_hpc.train.loss import dispatch as loss_mod
 from oel_hpc.train.loss import LossOutput, resolve_impl, topk_reverse_kl, topk_reverse_kl_reference
 from tests.conftest import ROOT, compose
 
@@ -57,7 +57,7 @@ def _loss(impl, hs, Ws, ht, Wt, **kw) -> LossOutput:
     """topk_reverse_kl with this impl; the fused kernels on CPU tensors (interpreter) are called directly, since
     topk_reverse_kl refuses impl='fused' off the GPU."""
     if impl == "fused" and not hs.is_cuda:
-        from oel_hpc.train.loss_triton import fused_topk_reverse_kl
+        from oel_hpc.train.loss.fused import fused_topk_reverse_kl
 
         kw.pop("chunk_size", None)
         return fused_topk_reverse_kl(hs, Ws, ht.detach(), Wt.detach(), **kw)
@@ -429,7 +429,7 @@ def test_auto_picks_fused_on_cuda_when_triton_imports(monkeypatch):
 
 
 def test_fused_dispatch_imports_loss_triton_lazily(monkeypatch):
-    """impl=fused hands the validated arguments to loss_triton.fused_topk_reverse_kl (teacher detached, the
+    """impl=fused hands the validated arguments to loss/fused.py's fused_topk_reverse_kl (teacher detached, the
     normalizer resolved) and returns its LossOutput; a stand-in module takes the kernel's place here."""
     calls = []
     sentinel = LossOutput(torch.tensor(1.0), torch.tensor(6.0), 6, torch.tensor(0.0), torch.tensor(0.0))
@@ -438,7 +438,7 @@ def test_fused_dispatch_imports_loss_triton_lazily(monkeypatch):
         calls.append(dict(hs=hs, Ws=Ws, ht=ht, Wt=Wt, k=k, temperature=temperature, renormalize=renormalize,
                           normalizer=normalizer))
         return sentinel
-    monkeypatch.setitem(sys.modules, "oel_hpc.train.loss_triton",
+    monkeypatch.setitem(sys.modules, "oel_hpc.train.loss.fused",
                         types.SimpleNamespace(fused_topk_reverse_kl=fused_topk_reverse_kl))
     monkeypatch.setattr(loss_mod, "resolve_impl", lambda impl, *t, k=1: "fused" if impl == "fused" else "chunked")
     hs, Ws = torch.randn(6, 8).requires_grad_(), torch.randn(11, 8).requires_grad_()
@@ -456,7 +456,7 @@ def test_fused_dispatch_imports_loss_triton_lazily(monkeypatch):
 
 
 def test_torch_trainer_passes_impl(monkeypatch):
-    from oel_hpc.train import torch_trainer
+    from oel_hpc.train.torch import trainer as torch_trainer
 
     g = torch.Generator().manual_seed(0)
     h, Ws = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g).requires_grad_()
@@ -478,7 +478,7 @@ def test_megatron_trainer_impl(monkeypatch):
     """Vocab-parallel (tp > 1) is chunked only: impl=fused raises before any collective; at tp = 1 the impl goes
     to loss.py (head sliced to the real vocabulary, as the vocab-parallel loss does at tp = 1)."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
-    from oel_hpc.megatron import trainer as mt
+    from oel_hpc.train.megatron import trainer as mt
 
     g = torch.Generator().manual_seed(0)
     V, Vp = 11, 12  # padded vocabulary rows, as megatron pads the head

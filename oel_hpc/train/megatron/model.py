@@ -6,7 +6,7 @@ tensor_model_parallel_size=tp)`` first (on GPU also ``tensor_parallel.model_para
 then::
 
     model = build_gpt(hf_config, tp=tp, dtype=torch.bfloat16, cpu=False)  # on the current CUDA device
-    load_hf(model, hf_state, hf_config, tp_rank, tp)        # oel_hpc.megatron.convert
+    load_hf(model, hf_state, hf_config, tp_rank, tp)        # oel_hpc.train.megatron.convert
     h = final_hidden(model, input_ids, allreduce_grad=True)  # [b, s, hidden], same on every TP rank
     logits_shard = h @ output_weight(model).t()              # [b, s, Vp/tp]: this rank's vocabulary columns
     loss(...).backward(); finalize_grads(model, tp_group)    # then the optimizer step
@@ -34,8 +34,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from oel_hpc.megatron.attention import SDPAttention
-from oel_hpc.megatron.convert import arch, check_tp, padded_vocab_size, unwrap
+from oel_hpc.train.megatron.attention import SDPAttention
+from oel_hpc.train.megatron.convert import arch, check_tp, padded_vocab_size, unwrap
 
 __all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "build_gpt", "final_hidden", "output_weight",
            "finalize_grads", "tp_partial_grad_params", "copy_to_tp_region", "have_transformer_engine",
@@ -125,7 +125,7 @@ def layer_spec(attention: str = "auto", *, qk_layernorm: bool = False) -> Module
 def build_gpt(hf_config, *, tp: int, dtype: torch.dtype = torch.float32, attention: str = "auto",
               cpu: bool) -> GPTModel:
     """A randomly initialised megatron ``GPTModel`` for this TP rank with the architecture of ``hf_config`` (load
-    the weights with ``oel_hpc.megatron.convert.load_hf``). Needs ``initialize_model_parallel(
+    the weights with ``oel_hpc.train.megatron.convert.load_hf``). Needs ``initialize_model_parallel(
     tensor_model_parallel_size=tp)`` done. Vocabulary padded to ``padded_vocab_size(vocab_size, tp)``; embeddings
     tied iff ``tie_word_embeddings``; RoPE base from ``rope_parameters["rope_theta"]``. Every parameter is in
     ``dtype`` (norms included); ``cpu=True`` creates the weights on the CPU, otherwise on the current CUDA device
