@@ -143,11 +143,11 @@ def test_checkpoint_resumes_and_refuses_another_tp(megatron_runs, tmp_path):
 
 
 def test_export_for_eval_reassembles_tp_shards(megatron_runs, tmp_path):
-    from oel_hpc.rundir import RunPaths
-    from oel_hpc.train.export import export_for_eval
+    """In a process where megatron cannot be imported, as on an evaluation node without it."""
+    from tests.test_export import export_without_megatron
 
     run = megatron_runs(2, 2)
-    out = export_for_eval(OmegaConf.load(run / "config.yaml"), RunPaths(run), 1, STEPS)
+    out = Path(export_without_megatron(run, STEPS))
     a, b = weights(run), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
