@@ -12,6 +12,9 @@ them), plus step, config hash and RNG; written atomically and found again by sca
 A resumed job (crash, requeue) looks for its newest complete checkpoint itself rather than trusting a path it was
 given, refuses one written under another config, and may run on another number of ranks than the writer: DCP
 reshards on load. One process (no process group) uses the same format.
+
+It knows no backend: what a checkpoint holds comes from the trainer's `checkpoint_state` / `checkpoint_meta`
+(train/backend.py), and the backends import this module, never the reverse.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ then::
 Gradient convention: the hidden states feed every TP rank's replica of the decoder, while each rank's logits only
 cover its vocabulary shard, so the gradient w.r.t. the hidden states must be summed over the TP group somewhere
 (megatron's ColumnParallelLinear LM head does it in its backward). ``final_hidden`` does NOT do it by default,
-because the project's vocab-parallel loss (``oel_hpc.train.loss_vocab_parallel``) all-reduces that gradient itself.
+because the project's vocab-parallel loss (``oel_hpc.train.loss.vocab_parallel``) all-reduces that gradient itself.
 A caller that multiplies by ``output_weight`` with plain torch ops (as above) must ask for it:
 ``final_hidden(model, ids, allreduce_grad=True)`` (or ``copy_to_tp_region(h, group)``). Summing twice (both) or
 never gives wrong gradients for everything below the LM head.
@@ -197,7 +197,7 @@ def final_hidden(model, input_ids: torch.Tensor, *, allreduce_grad: bool = False
     Runs embedding -> rotary table -> decoder (whose last step is the final norm) and skips the output layer.
     ``allreduce_grad=True`` passes the result through ``copy_to_tp_region`` (gradient summed over the TP group in
     backward): needed when the loss is computed from this rank's logits shard with plain torch ops, wrong with a
-    loss that reduces the hidden-state gradient itself such as ``loss_vocab_parallel`` (see the module doc)."""
+    loss that reduces the hidden-state gradient itself such as ``loss.vocab_parallel`` (see the module doc)."""
     model = unwrap(model)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")

@@ -174,8 +174,8 @@ class MegatronTrainer:  # a train.backend.TrainerBackend
     def student_loss(self, sequences, lens, pad_id, teacher_hidden, normalizer, loss_args):
         h = self._hidden(self.student, sequences, lens, pad_id)
         loss_args = dict(loss_args)
-        impl = loss_args.pop("impl", "auto")  # loss.py's choice (auto | chunked | fused); vocab-parallel: chunked only
-        if self.tp == 1:  # the whole head is here: loss.py's topk_reverse_kl (what the vocab-parallel loss is at tp=1)
+        impl = loss_args.pop("impl", "auto")  # the loss package's choice (auto | chunked | fused); vocab-parallel: chunked only
+        if self.tp == 1:  # the whole head is here: topk_reverse_kl (what the vocab-parallel loss is at tp=1)
             V = self.vocab_size
             out = topk_reverse_kl(h, output_weight(self.student)[:V], teacher_hidden, output_weight(self.teacher)[:V],
                                   normalizer=normalizer, impl=impl, **loss_args)
