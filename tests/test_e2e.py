@@ -166,5 +166,5 @@ def test_all_empty_experience_stops_consolidation(random_model_dir, tmp_path):
     assert not (run / "round_1/consolidate/DONE").exists()
     out = oel(tmp_path, f"model.path={random_model_dir}", "extract.eval_games=0",
               "consolidate.allow_empty_experience=true")
-    assert "every experience is empty; training anyway" in out.stdout
+    assert "every experience is empty; training anyway" in out.stderr
     assert (run / "round_1/consolidate/DONE").is_file()
