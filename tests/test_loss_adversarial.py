@@ -5,7 +5,7 @@ renormalize on/off, fp32 and bf16; the impl selection; consolidate.loss_impl; a 
 tests/test_loss.py covers the generic cases (random logits, chunk sizes, gradcheck, trl oracle, memory bound);
 this file covers what breaks implementations. Where the student's logits tie at the k-th place, the top-k set is
 not unique and the loss depends on which tied id is taken (the teacher differs between them): every implementation
-follows one rule, the lowest ids among the tied win (loss.py's topk_lowest_id; the fused kernels' keys), so the
+follows one rule, the lowest ids among the tied win (loss/common.py's topk_lowest_id; the fused kernels' keys), so the
 oracle computes that one set itself (a stable descending sort) and requires the implementation's value *and*
 gradients to be those of it — per row, the same set in forward and backward. To control ties exactly in fp32 and
 bf16 alike, most cases use an identity head (H = V, W = I): the logits are the hidden states, bit for bit, in any
@@ -476,7 +476,7 @@ def test_torch_trainer_passes_impl(monkeypatch):
 
 def test_megatron_trainer_impl(monkeypatch):
     """Vocab-parallel (tp > 1) is chunked only: impl=fused raises before any collective; at tp = 1 the impl goes
-    to loss.py (head sliced to the real vocabulary, as the vocab-parallel loss does at tp = 1)."""
+    to topk_reverse_kl (head sliced to the real vocabulary, as the vocab-parallel loss does at tp = 1)."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     from oel_hpc.train.megatron import trainer as mt
 
@@ -505,7 +505,7 @@ def test_megatron_trainer_impl(monkeypatch):
     ([], True),
     (["consolidate.loss_impl=chunked"], True),
     (["consolidate.loss_impl=fused", "trainer.device=cuda"], True),
-    (["consolidate.loss_impl=fused", "trainer.device=auto"], True),  # decided at run time (loss.py raises off GPU)
+    (["consolidate.loss_impl=fused", "trainer.device=auto"], True),  # decided at run time (the loss raises off GPU)
     (["consolidate.loss_impl=triton"], False),
     (["consolidate.loss_impl=fused", "trainer.device=cpu"], False),
     (["consolidate.loss_impl=fused", "trainer=megatron", "trainer.tp=2", "cluster=local_slurm"], False),

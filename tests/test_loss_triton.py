@@ -1,10 +1,10 @@
-"""The fused Triton loss (oel_hpc/train/loss/fused.py) against the PyTorch paths of the loss package and an fp64 oracle.
+"""The fused Triton loss (oel_hpc/train/loss/fused.py) against the chunked PyTorch path and an fp64 oracle.
 
 There is no GPU here: the kernels run in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1)
 before triton is imported, so every kernel case runs in one subprocess (`_CASES` below) that prints its errors as
 JSON; the tests then check each case against its tolerance. The oracle is the formula of DESIGN.md §1 in float64 on
 the same inputs (16-bit inputs upcast: what the kernels compute, fp32 logits) with ties in the top-k broken toward
-the lower id — the rule of every implementation (loss.py's topk_lowest_id), so cases with exact ties compare with
+the lower id — the rule of every implementation (loss/common.py's topk_lowest_id), so cases with exact ties compare with
 loss.py's paths in full too (in bf16 on inputs whose logits are exact in bf16: loss.py rounds its logits to the
 input dtype, the kernels do not, and a rounding may tie two logits the kernels keep apart).
 """

@@ -463,7 +463,7 @@ def test_mixed_precision_checkpoint_resumes_exactly(small_run, tmp_path, backend
     (cut / "round_1" / "consolidate" / "DONE").unlink()
     out = _reconsolidate(small_run, cut, set(), megatron=backend == "megatron")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "resumed from checkpoint step 1" in out.stdout and "bfloat16 compute, float32 master weights" in out.stdout
+    assert "resumed from checkpoint step 1" in out.stderr and "bfloat16 compute, float32 master weights" in out.stderr
     a = load_file(c / "hf" / "model.safetensors")
     b = load_file(cut / "round_1" / "consolidate" / "hf" / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in a.values())
