@@ -303,7 +303,7 @@ def test_export_for_eval_reads_a_sharded_checkpoint_once(two_ranks, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_ranks("fsdp"), run)
     code = ("import sys; from omegaconf import OmegaConf; from oel_hpc.rundir import RunPaths; "
-            "from oel_hpc.train.checkpoint import export_for_eval; "
+            "from oel_hpc.train.export import export_for_eval; "
             "run = RunPaths(__import__('pathlib').Path(sys.argv[1])); "
             "print(export_for_eval(OmegaConf.load(run.config), run, 1, int(sys.argv[2])))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(run), str(STEPS)], cwd=ROOT, env=clean_env(),

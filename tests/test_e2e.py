@@ -114,7 +114,7 @@ def test_interrupted_consolidation_resumes_to_the_same_weights(first_run, tmp_pa
     for p in (copy / "round_1/eval").glob("*"):
         p.unlink()
     out = oel(tmp_path)
-    assert "resumed from checkpoint step 1" in out.stdout
+    assert "resumed from checkpoint step 1" in out.stderr
     original = load_file(run / "round_1/consolidate/hf/model.safetensors")
     resumed = load_file(consolidate / "hf/model.safetensors")
     assert original.keys() == resumed.keys()
@@ -166,5 +166,5 @@ def test_all_empty_experience_stops_consolidation(random_model_dir, tmp_path):
     assert not (run / "round_1/consolidate/DONE").exists()
     out = oel(tmp_path, f"model.path={random_model_dir}", "extract.eval_games=0",
               "consolidate.allow_empty_experience=true")
-    assert "every experience is empty; training anyway" in out.stdout
+    assert "every experience is empty; training anyway" in out.stderr
     assert (run / "round_1/consolidate/DONE").is_file()

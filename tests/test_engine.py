@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from oel_hpc.engines.hf import HFEngine, row_seeds_for
 from oel_hpc.train.consolidate import Sample, micro_batches
-from oel_hpc.train.torch_trainer import response_hidden
+from oel_hpc.train.torch.trainer import response_hidden
 from oel_hpc.train.loss import topk_reverse_kl, topk_reverse_kl_reference
 
 GREEDY = OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 12})

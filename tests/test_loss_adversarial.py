@@ -5,7 +5,7 @@ renormalize on/off, fp32 and bf16; the impl selection; consolidate.loss_impl; a 
 tests/test_loss.py covers the generic cases (random logits, chunk sizes, gradcheck, trl oracle, memory bound);
 this file covers what breaks implementations. Where the student's logits tie at the k-th place, the top-k set is
 not unique and the loss depends on which tied id is taken (the teacher differs between them): every implementation
-follows one rule, the lowest ids among the tied win (loss.py's topk_lowest_id; the fused kernels' keys), so the
+follows one rule, the lowest ids among the tied win (loss/common.py's topk_lowest_id; the fused kernels' keys), so the
 oracle computes that one set itself (a stable descending sort) and requires the implementation's value *and*
 gradients to be those of it — per row, the same set in forward and backward. To control ties exactly in fp32 and
 bf16 alike, most cases use an identity head (H = V, W = I): the logits are the hidden states, bit for bit, in any
@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oel_hpc.train import loss as loss_mod
+from oel_hpc.train.loss import dispatch as loss_mod
 from oel_hpc.train.loss import LossOutput, resolve_impl, topk_reverse_kl, topk_reverse_kl_reference
 from tests.conftest import ROOT, compose
 
@@ -57,7 +57,7 @@ def _loss(impl, hs, Ws, ht, Wt, **kw) -> LossOutput:
     """topk_reverse_kl with this impl; the fused kernels on CPU tensors (interpreter) are called directly, since
     topk_reverse_kl refuses impl='fused' off the GPU."""
     if impl == "fused" and not hs.is_cuda:
-        from oel_hpc.train.loss_triton import fused_topk_reverse_kl
+        from oel_hpc.train.loss.fused import fused_topk_reverse_kl
 
         kw.pop("chunk_size", None)
         return fused_topk_reverse_kl(hs, Ws, ht.detach(), Wt.detach(), **kw)
@@ -429,7 +429,7 @@ def test_auto_picks_fused_on_cuda_when_triton_imports(monkeypatch):
 
 
 def test_fused_dispatch_imports_loss_triton_lazily(monkeypatch):
-    """impl=fused hands the validated arguments to loss_triton.fused_topk_reverse_kl (teacher detached, the
+    """impl=fused hands the validated arguments to loss/fused.py's fused_topk_reverse_kl (teacher detached, the
     normalizer resolved) and returns its LossOutput; a stand-in module takes the kernel's place here."""
     calls = []
     sentinel = LossOutput(torch.tensor(1.0), torch.tensor(6.0), 6, torch.tensor(0.0), torch.tensor(0.0))
@@ -438,7 +438,7 @@ def test_fused_dispatch_imports_loss_triton_lazily(monkeypatch):
         calls.append(dict(hs=hs, Ws=Ws, ht=ht, Wt=Wt, k=k, temperature=temperature, renormalize=renormalize,
                           normalizer=normalizer))
         return sentinel
-    monkeypatch.setitem(sys.modules, "oel_hpc.train.loss_triton",
+    monkeypatch.setitem(sys.modules, "oel_hpc.train.loss.fused",
                         types.SimpleNamespace(fused_topk_reverse_kl=fused_topk_reverse_kl))
     monkeypatch.setattr(loss_mod, "resolve_impl", lambda impl, *t, k=1: "fused" if impl == "fused" else "chunked")
     hs, Ws = torch.randn(6, 8).requires_grad_(), torch.randn(11, 8).requires_grad_()
@@ -456,7 +456,7 @@ def test_fused_dispatch_imports_loss_triton_lazily(monkeypatch):
 
 
 def test_torch_trainer_passes_impl(monkeypatch):
-    from oel_hpc.train import torch_trainer
+    from oel_hpc.train.torch import trainer as torch_trainer
 
     g = torch.Generator().manual_seed(0)
     h, Ws = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g).requires_grad_()
@@ -476,9 +476,9 @@ def test_torch_trainer_passes_impl(monkeypatch):
 
 def test_megatron_trainer_impl(monkeypatch):
     """Vocab-parallel (tp > 1) is chunked only: impl=fused raises before any collective; at tp = 1 the impl goes
-    to loss.py (head sliced to the real vocabulary, as the vocab-parallel loss does at tp = 1)."""
+    to topk_reverse_kl (head sliced to the real vocabulary, as the vocab-parallel loss does at tp = 1)."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
-    from oel_hpc.megatron import trainer as mt
+    from oel_hpc.train.megatron import trainer as mt
 
     g = torch.Generator().manual_seed(0)
     V, Vp = 11, 12  # padded vocabulary rows, as megatron pads the head
@@ -505,7 +505,7 @@ def test_megatron_trainer_impl(monkeypatch):
     ([], True),
     (["consolidate.loss_impl=chunked"], True),
     (["consolidate.loss_impl=fused", "trainer.device=cuda"], True),
-    (["consolidate.loss_impl=fused", "trainer.device=auto"], True),  # decided at run time (loss.py raises off GPU)
+    (["consolidate.loss_impl=fused", "trainer.device=auto"], True),  # decided at run time (the loss raises off GPU)
     (["consolidate.loss_impl=triton"], False),
     (["consolidate.loss_impl=fused", "trainer.device=cpu"], False),
     (["consolidate.loss_impl=fused", "trainer=megatron", "trainer.tp=2", "cluster=local_slurm"], False),

@@ -1,10 +1,10 @@
-"""The fused Triton loss (oel_hpc/train/loss_triton.py) against the PyTorch paths of loss.py and an fp64 oracle.
+"""The fused Triton loss (oel_hpc/train/loss/fused.py) against the chunked PyTorch path and an fp64 oracle.
 
 There is no GPU here: the kernels run in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1)
 before triton is imported, so every kernel case runs in one subprocess (`_CASES` below) that prints its errors as
 JSON; the tests then check each case against its tolerance. The oracle is the formula of DESIGN.md §1 in float64 on
 the same inputs (16-bit inputs upcast: what the kernels compute, fp32 logits) with ties in the top-k broken toward
-the lower id — the rule of every implementation (loss.py's topk_lowest_id), so cases with exact ties compare with
+the lower id — the rule of every implementation (loss/common.py's topk_lowest_id), so cases with exact ties compare with
 loss.py's paths in full too (in bf16 on inputs whose logits are exact in bf16: loss.py rounds its logits to the
 input dtype, the kernels do not, and a rounding may tie two logits the kernels keep apart).
 """
@@ -29,7 +29,7 @@ import json, math, sys, time
 import torch
 import torch.nn.functional as F
 from oel_hpc.train.loss import topk_reverse_kl, topk_reverse_kl_reference
-from oel_hpc.train.loss_triton import fused_topk_reverse_kl
+from oel_hpc.train.loss.fused import fused_topk_reverse_kl
 
 torch.set_num_threads(1)
 
@@ -295,7 +295,7 @@ def test_interpreter_run_covers_every_case_quickly(results):
 # ---------------------------------------------------------------- in-process checks (no kernels run)
 
 def test_validation_errors_before_any_kernel():
-    from oel_hpc.train.loss_triton import FUSED_MAX_K, fused_topk_reverse_kl
+    from oel_hpc.train.loss.fused import FUSED_MAX_K, fused_topk_reverse_kl
 
     h, W = torch.randn(4, 8), torch.randn(300, 8)
     with pytest.raises(ValueError, match="N == 0"):
@@ -315,7 +315,7 @@ def test_validation_errors_before_any_kernel():
 def test_cpu_tensors_without_interpreter_is_a_clear_error():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("this process runs the interpreter")
-    from oel_hpc.train.loss_triton import fused_topk_reverse_kl
+    from oel_hpc.train.loss.fused import fused_topk_reverse_kl
 
     h, W = torch.randn(4, 8), torch.randn(30, 8)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
@@ -325,7 +325,7 @@ def test_cpu_tensors_without_interpreter_is_a_clear_error():
 def test_module_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
             "import torch\n"
-            "from oel_hpc.train.loss_triton import fused_topk_reverse_kl\n"
+            "from oel_hpc.train.loss.fused import fused_topk_reverse_kl\n"
             "h, W = torch.randn(4, 8), torch.randn(30, 8)\n"
             "try:\n"
             "    fused_topk_reverse_kl(h, W, h, W, k=4, temperature=0.7)\n"

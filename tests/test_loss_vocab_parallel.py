@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oel_hpc.train.loss import LossOutput, _fp32, topk_lowest_id, topk_reverse_kl, topk_reverse_kl_reference
-from oel_hpc.train.loss_vocab_parallel import vocab_parallel_topk_reverse_kl
+from oel_hpc.train.loss import LossOutput, topk_lowest_id, topk_reverse_kl, topk_reverse_kl_reference
+from oel_hpc.train.loss.common import _fp32
+from oel_hpc.train.loss.vocab_parallel import vocab_parallel_topk_reverse_kl
 from tests.conftest import ROOT
 
 N, H, V = 37, 16, 101
@@ -105,7 +106,7 @@ def _problem(c, tp):
 
 def _run_case(c, tp, rank, group):
     """This rank's result for case c: (loss, kl_sum, entropies, grad of hs, grad of its student head shard)."""
-    from oel_hpc.train.loss_vocab_parallel import _VocabParallelTopKReverseKL
+    from oel_hpc.train.loss.vocab_parallel import _VocabParallelTopKReverseKL
 
     hs, _, ht, _, Wp, Wtp = _problem(c, tp)
     Vs = _shard_rows(c, tp)

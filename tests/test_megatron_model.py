@@ -123,7 +123,7 @@ def mp_results(hf_cases, tmp_path_factory):
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_conversion_round_trip_is_exact(hf_cases, name, tp):
-    from oel_hpc.megatron.convert import hf_to_megatron, megatron_to_hf, padded_vocab_size
+    from oel_hpc.train.megatron.convert import hf_to_megatron, megatron_to_hf, padded_vocab_size
 
     config, model = hf_cases[name]
     state = model.state_dict()
@@ -147,7 +147,7 @@ def test_conversion_round_trip_is_exact(hf_cases, name, tp):
 
 def test_conversion_qkv_layout_is_group_interleaved(hf_cases):
     """Rank r's fused QKV = [q heads of its groups, k, v] per group, groups split across ranks."""
-    from oel_hpc.megatron.convert import hf_to_megatron
+    from oel_hpc.train.megatron.convert import hf_to_megatron
 
     config, model = hf_cases["qwen3_untied"]  # 4 heads, 2 groups, head_dim 16
     state = model.state_dict()
@@ -165,7 +165,7 @@ def test_conversion_qkv_layout_is_group_interleaved(hf_cases):
 def test_conversion_errors(hf_cases):
     from transformers import Qwen3Config
 
-    from oel_hpc.megatron.convert import arch, hf_to_megatron
+    from oel_hpc.train.megatron.convert import arch, hf_to_megatron
 
     config, model = hf_cases["qwen3_tied"]
     state = dict(model.state_dict())
@@ -194,7 +194,7 @@ def test_conversion_errors(hf_cases):
 
 
 def test_import_does_not_import_megatron():
-    code = "import sys, oel_hpc.megatron, oel_hpc.megatron.convert; assert 'megatron' not in sys.modules, 'imported'"
+    code = "import sys, oel_hpc.train.megatron, oel_hpc.train.megatron.convert; assert 'megatron' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
@@ -209,8 +209,8 @@ def test_sitecustomize_is_inert_without_the_variable():
 def test_layer_spec_choices(shimmed):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from oel_hpc.megatron.attention import SDPAttention
-    from oel_hpc.megatron.model import have_transformer_engine, layer_spec
+    from oel_hpc.train.megatron.attention import SDPAttention
+    from oel_hpc.train.megatron.model import have_transformer_engine, layer_spec
 
     def core(spec):
         return spec.submodules.self_attention.submodules.core_attention
@@ -316,8 +316,8 @@ def _attention_check(tp: int, tp_rank: int) -> tuple[float, float]:
     from megatron.core.transformer.enums import AttnMaskType
     from transformers import Qwen3Config
 
-    from oel_hpc.megatron.attention import SDPAttention
-    from oel_hpc.megatron.model import transformer_config
+    from oel_hpc.train.megatron.attention import SDPAttention
+    from oel_hpc.train.megatron.model import transformer_config
 
     cfg = transformer_config(Qwen3Config(vocab_size=251, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=16, intermediate_size=96),
@@ -347,8 +347,8 @@ def _worker(work: Path) -> None:
     rank = dist.get_rank()
     from megatron.core import parallel_state
 
-    from oel_hpc.megatron.convert import gather_hf_state, load_hf, megatron_to_hf, padded_vocab_size
-    from oel_hpc.megatron.model import (
+    from oel_hpc.train.megatron.convert import gather_hf_state, load_hf, megatron_to_hf, padded_vocab_size
+    from oel_hpc.train.megatron.model import (
         build_gpt,
         copy_to_tp_region,
         final_hidden,
@@ -445,8 +445,8 @@ QWEN3_SHAPES = {
 def test_paper_model_shapes_configure_at_every_tp(size, tp):
     from transformers import Qwen3Config
 
-    from oel_hpc.megatron.convert import padded_vocab_size
-    from oel_hpc.megatron.model import transformer_config
+    from oel_hpc.train.megatron.convert import padded_vocab_size
+    from oel_hpc.train.megatron.model import transformer_config
 
     hf = Qwen3Config(vocab_size=151936, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **QWEN3_SHAPES[size])

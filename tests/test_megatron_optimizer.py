@@ -1,4 +1,4 @@
-"""trainer.optimizer of trainer=megatron (oel_hpc/megatron/optimizer.py): which optimizer auto picks, the config
+"""trainer.optimizer of trainer=megatron (oel_hpc/train/megatron/optimizer.py): which optimizer auto picks, the config
 errors, the loss normalizer, the meta.json refusals, the distributed optimizer's checkpoint shards through DCP, and
 whole consolidations with megatron's distributed optimizer.
 
@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from oel_hpc.config import ConfigError, validate
-from oel_hpc.megatron.optimizer import ensure_state, load_shard_state, loss_normalizer, resolve, shard_state
+from oel_hpc.train.megatron.optimizer import ensure_state, load_shard_state, loss_normalizer, resolve, shard_state
 from oel_hpc.rundir import read_jsonl
 from tests.conftest import ROOT, compose
 from tests.test_distributed import clean_env, cut, finish, weights
@@ -93,7 +93,7 @@ def test_config_accepts_the_optimizers():
 
 @needs_megatron
 def test_meta_refuses_another_optimizer_or_dp(tmp_path):
-    from oel_hpc.megatron.trainer import check_optimizer
+    from oel_hpc.train.megatron.trainer import check_optimizer
 
     old = {"trainer": "megatron", "tp": 2}  # written before trainer.optimizer existed: AdamW state
     check_optimizer(old, tmp_path, "adamw", 4)
@@ -244,7 +244,7 @@ def test_distributed_checkpoint_resumes_exactly_and_refuses_what_it_cannot_load(
 @needs_megatron
 def test_distributed_checkpoint_exports_for_evaluation(tp2_dp2):
     from oel_hpc.rundir import RunPaths
-    from oel_hpc.train.checkpoint import export_for_eval
+    from oel_hpc.train.export import export_for_eval
 
     _, distributed, _ = tp2_dp2
     out = export_for_eval(OmegaConf.load(distributed / "config.yaml"), RunPaths(distributed), 1, STEPS)

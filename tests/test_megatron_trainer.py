@@ -133,7 +133,7 @@ def test_checkpoint_resumes_and_refuses_another_tp(megatron_runs, tmp_path):
     assert max_diff(full, run) <= 1e-6
     # resumed on 2 data-parallel ranks of tp=1 instead: any dp is fine, another tp is refused (trainer.tp is in the
     # stage's config hash, so that takes a hand-edited config; the check stands behind it)
-    from oel_hpc.megatron.trainer import MegatronTrainer
+    from oel_hpc.train.megatron.trainer import MegatronTrainer
 
     trainer = MegatronTrainer.__new__(MegatronTrainer)  # the check needs no model
     trainer.tp = 1
@@ -143,11 +143,11 @@ def test_checkpoint_resumes_and_refuses_another_tp(megatron_runs, tmp_path):
 
 
 def test_export_for_eval_reassembles_tp_shards(megatron_runs, tmp_path):
-    from oel_hpc.rundir import RunPaths
-    from oel_hpc.train.checkpoint import export_for_eval
+    """In a process where megatron cannot be imported, as on an evaluation node without it."""
+    from tests.test_export import export_without_megatron
 
     run = megatron_runs(2, 2)
-    out = export_for_eval(OmegaConf.load(run / "config.yaml"), RunPaths(run), 1, STEPS)
+    out = Path(export_without_megatron(run, STEPS))
     a, b = weights(run), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 

@@ -265,7 +265,7 @@ def test_torch_fp32_master_keeps_the_updates_bf16_loses_them(runs, capsys):
     assert runs("torch bf16 compute, fp32 master")[0]["describe"] == "1 process, bfloat16 compute, float32 master weights"
     capsys.readouterr()
     _assert_loses_updates(runs, "torch pure bf16")
-    assert "WARNING: trainer.master_dtype=bfloat16" in capsys.readouterr().out  # said once, at the start
+    assert "WARNING: trainer.master_dtype=bfloat16" in capsys.readouterr().err  # said once, at the start
     assert measure(runs("torch pure bf16")[1], _fp32_reference(runs))["update_error"] > 0.9  # measured 0.99
 
 
@@ -342,7 +342,7 @@ def test_a_state_made_before_any_step_is_a_fresh_one():
     megatron/optimizer.ensure_state (distributed optimizer shards, MasterAdamW)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from oel_hpc.megatron.optimizer import ensure_state
+    from oel_hpc.train.megatron.optimizer import ensure_state
     from oel_hpc.train.precision import fresh_adam_steps
 
     def model_and_optimizer():
@@ -374,7 +374,7 @@ def test_a_state_made_before_any_step_is_a_fresh_one():
 # before the optimizer step of the listed steps (a patch in the worker process).
 _POISONED_WORKER = """
 import runpy, sys
-from oel_hpc.train.torch_trainer import TorchTrainer
+from oel_hpc.train.torch.trainer import TorchTrainer
 bad, calls, step = set([{bad}]), [0], TorchTrainer.optimizer_step
 def poisoned(self, grad_clip):
     calls[0] += 1
@@ -421,7 +421,7 @@ def _reconsolidate(run: Path, dst: Path, bad: set[int], trainer: dict | None = N
 def test_consolidation_logs_and_counts_a_skipped_step(small_run, tmp_path):
     out = _reconsolidate(small_run, tmp_path / "run", {1})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "r1 step 1: gradient norm is nan, update skipped" in out.stdout
+    assert "r1 step 1: gradient norm is nan, update skipped" in out.stderr
     c = tmp_path / "run" / "round_1" / "consolidate"
     rows = [json.loads(line) for line in (c / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [True, False]
@@ -465,7 +465,7 @@ def test_mixed_precision_checkpoint_resumes_exactly(small_run, tmp_path, backend
     (cut / "round_1" / "consolidate" / "DONE").unlink()
     out = _reconsolidate(small_run, cut, set(), megatron=backend == "megatron")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "resumed from checkpoint step 1" in out.stdout and "bfloat16 compute, float32 master weights" in out.stdout
+    assert "resumed from checkpoint step 1" in out.stderr and "bfloat16 compute, float32 master weights" in out.stderr
     a = load_file(c / "hf" / "model.safetensors")
     b = load_file(cut / "round_1" / "consolidate" / "hf" / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in a.values())

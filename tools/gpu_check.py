@@ -7,7 +7,7 @@ through ``tools/gpu_check.sh`` (which installs megatron-core from a carried whee
     python tools/gpu_check.py --cpu-smoke   # tiny shape on the CPU, fp32: exercises every code path
 
 Needs only torch, transformers, megatron-core (numpy, packaging) and this repository on ``sys.path``; it imports
-``oel_hpc.megatron.model``/``convert``/``attention`` and ``oel_hpc.train.loss``, none of which pulls hydra, omegaconf,
+``oel_hpc.train.megatron.model``/``convert``/``attention`` and ``oel_hpc.train.loss``, none of which pulls hydra, omegaconf,
 submitit or gymnasium (the script checks that and prints what it imported; megatron-core itself try-imports wandb,
 optionally).
 
@@ -25,7 +25,7 @@ optionally).
    topk_reverse_kl``, k 256, T 0.7, chunks of 1024 positions) -> backward -> grad-norm clip (1.0) -> AdamW step.
    The teacher is FIXED and precomputed: a random hidden [4096, H] and a copy of the initial LM head, the same
    tensors for both backends; no teacher forward is timed. torch backend: the HF model (SDPA attention) through
-   ``get_decoder()`` as ``oel_hpc.train.torch_trainer`` does; megatron backend: ``final_hidden`` +
+   ``get_decoder()`` as ``oel_hpc.train.torch.trainer`` does; megatron backend: ``final_hidden`` +
    ``output_weight`` (at tp=1 ``topk_reverse_kl`` is what ``vocab_parallel_topk_reverse_kl`` computes). Warm-up
    steps, then timed steps between ``torch.cuda.synchronize()`` calls. Both start from the same weights, so
    their first-step losses must agree (printed).
@@ -38,7 +38,7 @@ optionally).
    Peak memory = ``torch.cuda.max_memory_allocated`` with the statistics reset after everything of the previous
    backend is freed (it includes the fixed teacher tensors, ~0.6 GiB, for both).
    A third line, ``megatron+distopt[<attention>]``: the megatron backend with megatron's distributed optimizer, the
-   trainer's own ``oel_hpc.megatron.optimizer.DistributedAdam`` (``trainer.optimizer=distributed``; DDP wrapper with
+   trainer's own ``oel_hpc.train.megatron.optimizer.DistributedAdam`` (``trainer.optimizer=distributed``; DDP wrapper with
    fp32 gradient buffers + ``get_megatron_optimizer``, dp=1): same forward/loss/backward, then ``finalize_model_grads``
    and megatron's clip + Adam step, fp32 master weights (so more memory than the plain-AdamW line, which steps the
    bf16 weights). Its first loss must equal the others'; its tokens/s and memory are also compared with the
@@ -271,8 +271,8 @@ def cast_hf(model, dtype):
 
 
 def build_megatron(s: Shape, env: Env, hf_state: dict, dtype, attention: str):
-    from oel_hpc.megatron.convert import load_hf
-    from oel_hpc.megatron.model import build_gpt
+    from oel_hpc.train.megatron.convert import load_hf
+    from oel_hpc.train.megatron.model import build_gpt
 
     cfg = hf_config(s)
     model = build_gpt(cfg, tp=1, dtype=dtype, attention=attention, cpu=env.cpu)
@@ -291,7 +291,7 @@ def hf_logits(model, ids):
 def megatron_logits(model, ids, vocab: int):
     import torch
 
-    from oel_hpc.megatron.model import final_hidden, output_weight
+    from oel_hpc.train.megatron.model import final_hidden, output_weight
 
     with torch.no_grad():
         h = final_hidden(model, ids)
@@ -401,7 +401,7 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
     """``hf_box`` holds the only reference to the HF model, so that it can be freed before megatron runs."""
     import torch
 
-    from oel_hpc.megatron.model import final_hidden, finalize_grads, output_weight
+    from oel_hpc.train.megatron.model import final_hidden, finalize_grads, output_weight
     from oel_hpc.train.loss import topk_reverse_kl
 
     t_start = time.perf_counter()
@@ -433,7 +433,7 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
         log(f"THROUGHPUT {r.name:<16}: {r.tokens_per_s:10,.0f} tokens/s  MFU {mfu}  peak mem {peak}  "
             f"step {r.step_ms:8.1f} ms  loss(step 0) {r.loss0:.6f}")
 
-    # ---- torch backend: the HF model, run as oel_hpc.train.torch_trainer's Distiller runs it
+    # ---- torch backend: the HF model, run as oel_hpc.train.torch.trainer's Distiller runs it
     env.free()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
 
@@ -455,7 +455,7 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
     # weights and AdamW state, the forward under autocast; the trainer's own Distiller
     if dtype != torch.float32:
         from oel_hpc.train.precision import Precision
-        from oel_hpc.train.torch_trainer import Distiller
+        from oel_hpc.train.torch.trainer import Distiller
 
         env.free()
         master = build_hf(s, env).train().requires_grad_(True)  # the float32 weights `state` is the rounding of
@@ -505,7 +505,7 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
             continue
         # the same with float32 master weights (trainer.optimizer=adamw, master_dtype=float32): the trainer's own
         # MasterAdamW, float32 copies and gradient accumulators beside the 16-bit model
-        from oel_hpc.megatron.optimizer import MasterAdamW
+        from oel_hpc.train.megatron.optimizer import MasterAdamW
 
         env.free()
         mg = build_megatron(s, env, state, dtype, attention).train()
@@ -537,7 +537,7 @@ def run_throughput(s: Shape, env: Env, hf_box: list, dtype, attentions: list[str
             log(f"SKIP {name}: megatron's distributed optimizer needs CUDA (megatron allocates its gradient buffers "
                 f"and scalars on CUDA); trainer.optimizer=auto uses torch AdamW on CPU")
             continue
-        from oel_hpc.megatron.optimizer import DistributedAdam
+        from oel_hpc.train.megatron.optimizer import DistributedAdam
 
         env.free()
         mg = build_megatron(s, env, state, dtype, attention).train()
@@ -624,7 +624,7 @@ def main(argv=None) -> int:
     env = Env(cpu=args.cpu_smoke)
     import megatron.core
 
-    from oel_hpc.megatron.model import have_transformer_engine
+    from oel_hpc.train.megatron.model import have_transformer_engine
 
     te = have_transformer_engine()
     attentions = ["sdpa"] + (["te"] if te else [])

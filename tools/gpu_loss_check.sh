@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the consolidation loss (oel_hpc/train/loss.py, loss_triton.py) in one call, most valuable first:
+# GPU check of the consolidation loss (oel_hpc/train/loss/: chunked.py, fused.py) in one call, most valuable first:
 #   1. tools/bench_loss.py at the ANCHORS.md shape (T 8192, H 2560, V 151,936, k 256, bf16): naive, chunked, fused
 #      and Liger side by side, ratios to naive, the targets;
 #   2. tools/bench_loss.py --check: naive, chunked and fused values and gradients agree (bf16, then fp32);

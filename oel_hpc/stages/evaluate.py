@@ -20,7 +20,7 @@ def checkpoint_model(ctx: StageContext, r: int, step: int) -> str:
         return model_path(ctx.cfg, ctx.paths, r)
     if step == ctx.cfg.consolidate.steps:
         return str(ctx.paths.hf(r))
-    from oel_hpc.train.checkpoint import export_for_eval
+    from oel_hpc.train.export import export_for_eval
 
     return str(export_for_eval(ctx.cfg, ctx.paths, r, step))
 

@@ -5,13 +5,16 @@ them), plus step, config hash and RNG; written atomically and found again by sca
         .metadata  __<rank>_0.distcp ...   DCP: {"model": ..., "optimizer": ...}, keys as in the HF model
         rng_rank<r>.pt        torch / python / cuda RNG of each rank that wrote it
         meta.json             {step, config_hash, world_size, trainer, ...}: written last, before the rename
-        hf/                   (later, once) the model as a Hugging Face folder, made by export_for_eval
+        hf/                   (later, once) the model as a Hugging Face folder, made by train/export.py
     ckpt/latest               the newest step, for people (resume never reads it: it scans step_*/meta.json)
     ckpt/.step_<k>.tmp/       a save in progress (a crash leaves it behind; the next save of that step removes it)
 
 A resumed job (crash, requeue) looks for its newest complete checkpoint itself rather than trusting a path it was
 given, refuses one written under another config, and may run on another number of ranks than the writer: DCP
 reshards on load. One process (no process group) uses the same format.
+
+It knows no backend: what a checkpoint holds comes from the trainer's `checkpoint_state` / `checkpoint_meta`
+(train/backend.py), and the backends import this module, never the reverse.
 """
 from __future__ import annotations
 
@@ -27,12 +30,13 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from oel_hpc.errors import MissingInput
-from oel_hpc.rundir import RunPaths, replace_dir_atomic, write_json_atomic, write_text_atomic
+from oel_hpc.log import get_logger
+from oel_hpc.rundir import replace_dir_atomic, write_json_atomic, write_text_atomic
 
 META = "meta.json"
+log = get_logger(__name__)
 
 
 def _rng_state() -> dict:
@@ -60,8 +64,8 @@ def save(ckpt_dir: Path, step: int, trainer, stage_hash: str, keep: Optional[int
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(d)
-    with _single_process_ok():
-        dcp.save(trainer.checkpoint_state(), checkpoint_id=tmp, no_dist=_no_dist())
+    with single_process_ok():
+        dcp.save(trainer.checkpoint_state(), checkpoint_id=tmp, no_dist=no_process_group())
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     _barrier(d)
     final = ckpt_dir / f"step_{step}"
@@ -107,12 +111,12 @@ def resume(ckpt_dir: Path, trainer, stage_hash: str, d=None) -> int:
     threads = meta.get("compute_threads")
     if threads is not None and threads != torch.get_num_threads() and (d is None or d.is_main):
         # CPU GEMMs split their sums by thread, so the rounding (and, through Adam, the weights) depends on it
-        print(f"WARNING: {path} was written with {threads} compute threads per rank and this run has "
-              f"{torch.get_num_threads()} (OMP_NUM_THREADS): the result will not be bit-identical to an "
-              "uninterrupted run", flush=True)
+        log.warning(f"{path} was written with {threads} compute threads per rank and this run has "
+                    f"{torch.get_num_threads()} (OMP_NUM_THREADS): the result will not be bit-identical to an "
+                    "uninterrupted run")
     state = trainer.checkpoint_state()
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    with single_process_ok():
+        dcp.load(state, checkpoint_id=path, no_dist=no_process_group())
     trainer.load_checkpoint_state(state)
     rank = d.rank if d is not None else 0
     rng_file = path / f"rng_rank{rank}.pt"
@@ -158,67 +162,15 @@ def export_hf(model, tokenizer, out_dir: Path, state_dict: Optional[dict] = None
     return out_dir
 
 
-def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
-    """The model of an intermediate checkpoint as a Hugging Face folder beside it, exported once (concurrent
-    evaluation tasks may race: the first rename wins). Reads only the model part of the DCP checkpoint, at any
-    number of ranks it was written with; runs in one process."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from oel_hpc.pipeline import model_path
-    from oel_hpc.train.precision import Precision
-
-    out = paths.ckpt(r, step) / "hf"
-    if (out / "config.json").is_file():
-        return out
-    if not (paths.ckpt(r, step) / META).is_file():
-        raise MissingInput(paths.ckpt(r, step), f"{paths.ckpt(r, step)} is not a complete checkpoint")
-    base = model_path(cfg, paths, r)
-    # in trainer.export_dtype, as the final export (the checkpoint's weights are cast on load)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=Precision.from_config(cfg.trainer).export)
-    meta = read_meta(paths.ckpt(r, step))
-    if meta.get("trainer", "torch") == "megatron":
-        _load_megatron_shards(model, paths.ckpt(r, step), meta["tp"])
-    else:
-        state = {"model": get_model_state_dict(model)}
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=paths.ckpt(r, step), no_dist=_no_dist())
-        set_model_state_dict(model, state["model"])
-    return export_hf(model, AutoTokenizer.from_pretrained(base), out)
-
-
-def _load_megatron_shards(model, path: Path, tp: int) -> None:
-    """A megatron checkpoint's TP shards (`tp<r>_of_<tp>.model.*`), reassembled into the HF model. Pure tensor
-    work (no megatron import): shapes come from the checkpoint's own metadata."""
-    from oel_hpc.megatron.convert import megatron_to_hf
-    from oel_hpc.megatron.trainer import shard_key
-
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    shards = []
-    for rank in range(tp):
-        prefix = f"{shard_key(rank, tp)}.model."
-        template = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
-                    for k, m in stored.items() if k.startswith(prefix)}
-        state = {shard_key(rank, tp): {"model": template}}
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=path, no_dist=True)
-        shards.append(state[shard_key(rank, tp)]["model"])
-    hf_state = megatron_to_hf(shards, model.config)
-    missing, unexpected = model.load_state_dict(hf_state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: megatron shards do not match the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
-
-
 @contextmanager
-def _single_process_ok():
+def single_process_ok():
     """DCP warns on every call without a process group; one process is a supported case here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         yield
 
 
-def _no_dist() -> bool:
+def no_process_group() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 

@@ -9,30 +9,39 @@ tokens; each rank samples its own rows (a row's seed depends on the step and its
 engine samples every row independently, so a row gets the same response on any number of ranks), and the loss is
 normalised by the response tokens of all ranks, so an update equals the single-process one.
 
-The backend (`trainer.name`) holds the models: `torch` (train/torch_trainer.py) replicates the student (DDP) or
-shards it (FSDP2) by `trainer.parallel`; `megatron` (megatron/trainer.py) splits it by tensor parallelism, the
-data-parallel ranks being world / trainer.tp. The loop below is the same for both.
+The backend (`trainer.name`) holds the models: `torch` (train/torch/trainer.py) replicates the student (DDP) or
+shards it (FSDP2) by `trainer.parallel`; `megatron` (train/megatron/) splits it by tensor parallelism, the
+data-parallel ranks being world / trainer.tp. The loop below is the same for both: it asks of a backend only
+what train/backend.py lists.
+
+A round: `consolidate` prepares (`_prepare`: experience, models, a resumed checkpoint), then per step `_sample`
+(on-policy responses, the teacher's prompts) → `_train_step` (loss, gradients, update) → `_log_step` →
+`_save_or_stop` (checkpoint; a stop signal ends here), then exports the weights (`_finish`).
 """
 from __future__ import annotations
 
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from oel_hpc.engines.hf import HFEngine
 from oel_hpc.errors import AllStepsSkipped, EmptyExperience
 from oel_hpc.experience import load_experience_list
 from oel_hpc.games import make_game
+from oel_hpc.log import get_logger, progress
 from oel_hpc.pipeline import model_path
 from oel_hpc.rollout import derive_seed
 from oel_hpc.rundir import read_jsonl
 from oel_hpc.train import checkpoint, distributed, preemption
+from oel_hpc.train.backend import TrainerBackend
 from oel_hpc.train.metrics import MetricsLog
 from oel_hpc.train.precision import Precision
-from oel_hpc.train.torch_trainer import TorchTrainer
+from oel_hpc.train.torch.trainer import TorchTrainer
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -55,27 +64,72 @@ def micro_batches(samples: list[Sample], max_tokens: int) -> list[list[Sample]]:
     return batches + [current] if current else batches
 
 
-def build_trainer(cfg, base, d: distributed.Dist):
+def build_trainer(cfg, base, d: distributed.Dist) -> TrainerBackend:
     """The backend named by trainer.name: the student, teacher and optimizer, and how they are spread over ranks."""
     c = cfg.consolidate
     if d.is_main:
         for line in Precision.from_config(cfg.trainer).warnings():
-            print(line, flush=True)
+            log.warning(line)
     if cfg.trainer.name == "megatron":
-        from oel_hpc.megatron.trainer import MegatronTrainer
+        from oel_hpc.train.megatron.trainer import MegatronTrainer
 
         return MegatronTrainer(cfg, base, d, lr=c.lr, weight_decay=c.weight_decay)
     return TorchTrainer(cfg, base, d, lr=c.lr, weight_decay=c.weight_decay)
 
 
-def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> None:
-    """Every rank calls this (d: this process's place; None = one process, no process group). Raises
-    preemption.Preempted after saving a checkpoint when a stop signal arrived."""
-    cfg, paths, c = ctx.cfg, ctx.paths, ctx.cfg.consolidate
-    d = d or distributed.Dist(distributed.DistEnv(), distributed.pick_device(cfg.trainer, 0), None)
-    main = d.is_main
-    stage_hash = ctx.stage_hash(r, "consolidate")
+@dataclass
+class Round:
+    """What every step of one round's consolidation uses."""
+    ctx: object
+    r: int
+    d: distributed.Dist
+    stage_hash: str
+    experiences: list[str]  # non-empty texts (or [""] when empty ones are allowed)
+    tokenizer: object
+    trainer: TrainerBackend
+    engine: HFEngine
+    builder: object  # the prompt builder: the teacher's prompt x ⊕ e
+    actions: list[str]
+    start: int  # the step of the checkpoint resumed from (0: none)
+    metrics: MetricsLog
 
+    @property
+    def cfg(self):
+        return self.ctx.cfg
+
+    @property
+    def paths(self):
+        return self.ctx.paths
+
+    def loss_args(self) -> dict:
+        c = self.cfg.consolidate
+        return dict(k=c.topk, temperature=c.temperature, renormalize=c.renormalize, chunk_size=c.chunk_size,
+                    impl=c.loss_impl)
+
+
+def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> list[Path]:
+    """Every rank calls this (d: this process's place; None = one process, no process group). Returns the round's
+    outputs for its DONE marker (on rank 0; [] elsewhere). Raises preemption.Preempted after saving a checkpoint
+    when a stop signal arrived."""
+    c = ctx.cfg.consolidate
+    d = d or distributed.Dist(distributed.DistEnv(), distributed.pick_device(ctx.cfg.trainer, 0), None)
+    run = _prepare(ctx, r, d)
+    with preemption.StopSignals() as signals:
+        for step in progress(range(run.start + 1, c.steps + 1), desc=f"r{r} consolidate", unit="step",
+                             initial=run.start, total=c.steps, disable=not d.is_main):
+            t0 = time.time()
+            samples, tokens, n_rows = _sample(run, step)
+            sums, grad_norm, stepped = _train_step(run, step, samples, tokens)
+            _log_step(run, step, sums, grad_norm, stepped, tokens, n_rows, time.time() - t0)
+            _save_or_stop(run, step, signals)
+    return _finish(run)
+
+
+def _prepare(ctx, r: int, d: distributed.Dist) -> Round:
+    """The round's experience, the backend's models (from the round's base model), the sampling engine, and the
+    newest checkpoint loaded when there is one."""
+    cfg, paths, c = ctx.cfg, ctx.paths, ctx.cfg.consolidate
+    stage_hash = ctx.stage_hash(r, "consolidate")
     _, texts = load_experience_list(paths.experience_list(r), paths.root)
     experiences = [t for t in texts if t.strip()]
     if not experiences and not c.allow_empty_experience:
@@ -83,11 +137,11 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> None:
             f"every experience in {paths.experience_list(r)} is empty: the teacher would see the student's own "
             "prompt and the loss would carry no knowledge; set consolidate.allow_empty_experience=true to train anyway")
     if not experiences:
-        if main:
-            print("WARNING: every experience is empty; training anyway (consolidate.allow_empty_experience=true)")
+        if d.is_main:
+            log.warning("every experience is empty; training anyway (consolidate.allow_empty_experience=true)")
         experiences = [""]
-    elif len(experiences) < len(texts) and main:
-        print(f"WARNING: {len(texts) - len(experiences)} of {len(texts)} experiences are empty; rows draw from the rest")
+    elif len(experiences) < len(texts) and d.is_main:
+        log.warning(f"{len(texts) - len(experiences)} of {len(texts)} experiences are empty; rows draw from the rest")
 
     base = model_path(cfg, paths, r)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -97,90 +151,112 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> None:
     engine = HFEngine(trainer.sampler, tokenizer, max_batch=cfg.engine.max_batch, thinking=cfg.model.thinking)
     builder = ctx.prompt_builder(engine)
     actions = make_game(cfg.env.name, 0).action_words
-    pad = engine.pad_token_id
 
     start = checkpoint.resume(paths.ckpt_dir(r), trainer, stage_hash, d)
-    if start and main:
-        print(f"r{r} consolidate: resumed from checkpoint step {start} on {trainer.describe()}")
+    if start and d.is_main:
+        log.info(f"r{r} consolidate: resumed from checkpoint step {start} on {trainer.describe()}")
     metrics = MetricsLog(paths.metrics(r), start, cfg.wandb, f"{cfg.run.name}-r{r}-consolidate-{stage_hash[:8]}",
-                         {"round": r, "consolidate": dict(c), "model": base, "ranks": d.world_size}, enabled=main)
-    loss_args = dict(k=c.topk, temperature=c.temperature, renormalize=c.renormalize, chunk_size=c.chunk_size,
-                     impl=c.loss_impl)
-    with preemption.StopSignals() as signals:
-        for step in tqdm(range(start + 1, c.steps + 1), desc=f"r{r} consolidate", unit="step", initial=start,
-                         total=c.steps, disable=not main):
-            t0 = time.time()
-            rows = read_jsonl(paths.deploy_step(r, step))
-            if not rows:
-                raise ValueError(f"{paths.deploy_step(r, step)} has no rows to train on")
-            draw = random.Random(derive_seed("experience", cfg.pipeline.seed, r, step))
-            drawn = [draw.choice(experiences) for _ in rows]  # every rank draws for every row: the same draws
-            mine = distributed.partition_by_tokens([len(row["prompt_token_ids"]) for row in rows],
-                                                   trainer.dp_size)[trainer.dp_rank]
+                         {"round": r, "consolidate": dict(c), "model": base, "ranks": d.world_size},
+                         enabled=d.is_main)
+    return Round(ctx, r, d, stage_hash, experiences, tokenizer, trainer, engine, builder, actions, start, metrics)
 
-            # 1. the student samples on its own prompts (on-policy), from its current weights
-            trainer.refresh_sampler()
-            responses = engine.generate(
-                [rows[i]["prompt_token_ids"] for i in mine], c.sampling, seed=0,
-                row_seeds=[derive_seed("student", cfg.pipeline.seed, r, step, i) for i in mine]) if mine else []
-            samples = []
-            for i, y in zip(mine, responses):
-                if not y.token_ids:
-                    continue
-                teacher_prompt = engine.chat_ids(builder.game_turn(rows[i]["log_blocks"], actions,
-                                                                   experience=drawn[i] or None))
-                samples.append(Sample(rows[i]["prompt_token_ids"] + y.token_ids, teacher_prompt + y.token_ids,
-                                      len(y.token_ids)))
-            tokens, n_rows = (int(x) for x in trainer.dp_all_reduce([sum(s.response_len for s in samples),
-                                                                     len(samples)]))
-            if tokens == 0:
-                raise ValueError(f"r{r} step {step}: the student sampled no response tokens")
 
-            # 2. reverse KL to the teacher on the response tokens, gradients accumulated over micro-batches and
-            # ranks into one token mean over the whole step
-            batches = micro_batches(samples, c.micro_batch_tokens)
-            passes = trainer.forward_passes(max(len(batches), 1))
-            normalizer = trainer.normalizer(tokens)
-            sums = [0.0, 0.0, 0.0]  # kl, student entropy, teacher entropy
-            for p in range(passes):
-                real = p < len(batches)
-                # padding passes (this rank has fewer micro-batches, or none) count with weight 0
-                batch = batches[p] if real else (batches[0] if batches else [Sample([pad] * 2, [pad] * 2, 1)])
-                lens = [s.response_len for s in batch]
-                h_teacher = trainer.teacher_hidden([s.teacher_ids for s in batch], lens, pad)
-                with trainer.accumulate(last=p == passes - 1):
-                    loss, kl, ent_s, ent_t = trainer.student_loss([s.student_ids for s in batch], lens, pad,
-                                                                  h_teacher, normalizer, loss_args)
-                    (loss if real else loss * 0.0).backward()
-                if real:
-                    sums = [a + b.item() for a, b in zip(sums, (kl, ent_s, ent_t))]
-            # a non-finite gradient norm skips the update (weights and optimizer state unchanged, on every rank);
-            # the step still counts: metrics, checkpoint and the loop go on
-            grad_norm, stepped = trainer.optimizer_step(c.grad_clip)
-            if not stepped and main:
-                print(f"r{r} step {step}: gradient norm is {grad_norm}, update skipped", flush=True)
+def _sample(run: Round, step: int) -> tuple[list[Sample], int, int]:
+    """This rank's share of the step's deploy rows, each with the student's response from its current weights
+    (on-policy) behind the student's prompt x and the teacher's x ⊕ e. Returns (samples, response tokens and rows
+    on all ranks)."""
+    cfg, paths, r, trainer, engine = run.cfg, run.paths, run.r, run.trainer, run.engine
+    rows = read_jsonl(paths.deploy_step(r, step))
+    if not rows:
+        raise ValueError(f"{paths.deploy_step(r, step)} has no rows to train on")
+    draw = random.Random(derive_seed("experience", cfg.pipeline.seed, r, step))
+    drawn = [draw.choice(run.experiences) for _ in rows]  # every rank draws for every row: the same draws
+    mine = distributed.partition_by_tokens([len(row["prompt_token_ids"]) for row in rows],
+                                           trainer.dp_size)[trainer.dp_rank]
 
-            kl, ent_s, ent_t = trainer.dp_all_reduce(sums)
-            metrics.log({"step": step, "kl": kl / tokens, "student_entropy": ent_s / tokens,
-                         "teacher_entropy": ent_t / tokens, "grad_norm": grad_norm, "skipped": not stepped,
-                         "tokens": tokens, "rows": n_rows, "lr": c.lr, "seconds": time.time() - t0})
-            saved = None
-            if step % c.save_freq == 0 or step == c.steps:
-                saved = checkpoint.save(paths.ckpt_dir(r), step, trainer, stage_hash, c.keep_checkpoints, d)
-            # 3. a stop signal on any rank: all stop here, with a checkpoint (requeued under Slurm on SIGUSR2)
-            stop = signals.agreed(d)
-            if stop and step < c.steps:
-                if saved is None:
-                    saved = checkpoint.save(paths.ckpt_dir(r), step, trainer, stage_hash, c.keep_checkpoints, d)
-                metrics.close()
-                raise preemption.stop(stop, step, paths.display(saved), d, requeue=cfg.cluster.requeue)
-    metrics.close()
-    skipped = d.broadcast(sum(bool(row.get("skipped")) for row in metrics.rows))  # rank 0 holds the rows
-    if skipped == c.steps:
+    trainer.refresh_sampler()
+    responses = engine.generate(
+        [rows[i]["prompt_token_ids"] for i in mine], cfg.consolidate.sampling, seed=0,
+        row_seeds=[derive_seed("student", cfg.pipeline.seed, r, step, i) for i in mine]) if mine else []
+    samples = []
+    for i, y in zip(mine, responses):
+        if not y.token_ids:
+            continue
+        teacher_prompt = engine.chat_ids(run.builder.game_turn(rows[i]["log_blocks"], run.actions,
+                                                               experience=drawn[i] or None))
+        samples.append(Sample(rows[i]["prompt_token_ids"] + y.token_ids, teacher_prompt + y.token_ids,
+                              len(y.token_ids)))
+    tokens, n_rows = (int(x) for x in trainer.dp_all_reduce([sum(s.response_len for s in samples), len(samples)]))
+    if tokens == 0:
+        raise ValueError(f"r{r} step {step}: the student sampled no response tokens")
+    return samples, tokens, n_rows
+
+
+def _train_step(run: Round, step: int, samples: list[Sample], tokens: int) -> tuple[list[float], float, bool]:
+    """Reverse KL to the teacher on the response tokens, gradients accumulated over micro-batches and ranks into one
+    token mean over the whole step, then the update. Returns (this rank's [Σ kl, Σ student entropy, Σ teacher
+    entropy], the gradient norm, whether the update was taken)."""
+    trainer, pad, loss_args = run.trainer, run.engine.pad_token_id, run.loss_args()
+    batches = micro_batches(samples, run.cfg.consolidate.micro_batch_tokens)
+    passes = trainer.forward_passes(max(len(batches), 1))
+    normalizer = trainer.normalizer(tokens)
+    sums = [0.0, 0.0, 0.0]
+    for p in range(passes):
+        real = p < len(batches)
+        # padding passes (this rank has fewer micro-batches, or none) count with weight 0
+        batch = batches[p] if real else (batches[0] if batches else [Sample([pad] * 2, [pad] * 2, 1)])
+        lens = [s.response_len for s in batch]
+        h_teacher = trainer.teacher_hidden([s.teacher_ids for s in batch], lens, pad)
+        with trainer.accumulate(last=p == passes - 1):
+            loss, kl, ent_s, ent_t = trainer.student_loss([s.student_ids for s in batch], lens, pad, h_teacher,
+                                                          normalizer, loss_args)
+            (loss if real else loss * 0.0).backward()
+        if real:
+            sums = [a + b.item() for a, b in zip(sums, (kl, ent_s, ent_t))]
+    # a non-finite gradient norm skips the update (weights and optimizer state unchanged, on every rank); the step
+    # still counts: metrics, checkpoint and the loop go on
+    grad_norm, stepped = trainer.optimizer_step(run.cfg.consolidate.grad_clip)
+    if not stepped and run.d.is_main:
+        log.warning(f"r{run.r} step {step}: gradient norm is {grad_norm}, update skipped")
+    return sums, grad_norm, stepped
+
+
+def _log_step(run: Round, step: int, sums: list[float], grad_norm: float, stepped: bool, tokens: int, n_rows: int,
+              seconds: float) -> None:
+    kl, ent_s, ent_t = run.trainer.dp_all_reduce(sums)
+    run.metrics.log({"step": step, "kl": kl / tokens, "student_entropy": ent_s / tokens,
+                     "teacher_entropy": ent_t / tokens, "grad_norm": grad_norm, "skipped": not stepped,
+                     "tokens": tokens, "rows": n_rows, "lr": run.cfg.consolidate.lr, "seconds": seconds})
+
+
+def _save_or_stop(run: Round, step: int, signals: preemption.StopSignals) -> None:
+    """A checkpoint every save_freq steps and at the last; a stop signal on any rank: all stop here, with a
+    checkpoint (requeued under Slurm on SIGUSR2)."""
+    c, ckpt_dir = run.cfg.consolidate, run.paths.ckpt_dir(run.r)
+    saved = None
+    if step % c.save_freq == 0 or step == c.steps:
+        saved = checkpoint.save(ckpt_dir, step, run.trainer, run.stage_hash, c.keep_checkpoints, run.d)
+    stop = signals.agreed(run.d)
+    if stop and step < c.steps:
+        if saved is None:
+            saved = checkpoint.save(ckpt_dir, step, run.trainer, run.stage_hash, c.keep_checkpoints, run.d)
+        run.metrics.close()
+        raise preemption.stop(stop, step, run.paths.display(saved), run.d, requeue=run.cfg.cluster.requeue)
+
+
+def _finish(run: Round) -> list[Path]:
+    """The trained weights as a Hugging Face folder, unless no step updated them; the round's outputs."""
+    r, paths, steps = run.r, run.paths, run.cfg.consolidate.steps
+    run.metrics.close()
+    skipped = run.d.broadcast(sum(bool(row.get("skipped")) for row in run.metrics.rows))  # rank 0 holds the rows
+    if skipped == steps:
         raise AllStepsSkipped(
-            f"r{r} consolidate: all {c.steps} steps had a non-finite gradient norm and were skipped (see "
+            f"r{r} consolidate: all {steps} steps had a non-finite gradient norm and were skipped (see "
             f"{paths.display(paths.metrics(r))}): the weights are the round's starting weights, nothing was "
             "learned; nothing is exported. Look for NaN/inf in the loss inputs (consolidate.temperature, "
             "trainer.dtype=float16 overflow) and rerun with run.overwrite=true")
-    trainer.export(tokenizer, paths.hf(r))
-    d.barrier()
+    run.trainer.export(run.tokenizer, paths.hf(r))
+    run.d.barrier()
+    if not run.d.is_main:
+        return []
+    return [p for p in paths.hf(r).iterdir() if p.is_file()] + [paths.metrics(r)]

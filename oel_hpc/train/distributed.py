@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from oel_hpc import slurm
+from oel_hpc import log, slurm
 
 DEFAULT_PORT_BASE = 20000  # Slurm: MASTER_PORT = base + SLURM_JOB_ID % 20000 (a requeued job keeps its id and port)
 
@@ -141,6 +141,7 @@ def init(trainer_cfg, environ: Mapping[str, str] = os.environ, timeout_min: floa
     """The process group this process belongs to (none for a world of 1). Pair with `Dist.close()`."""
     env = detect_env(environ)
     device = pick_device(trainer_cfg, env.local_rank)
+    log.set_context(rank=env.rank, world=env.world_size)  # every log line of this process names its rank
     if env.world_size == 1:
         return Dist(env, device, None)
     backend = trainer_cfg.backend

@@ -2,12 +2,13 @@
 ranks only rank 0 writes (`enabled=False` elsewhere); the values it logs are already reduced over all ranks."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Optional
 
+from oel_hpc.log import get_logger
 from oel_hpc.rundir import read_jsonl, write_jsonl_atomic
+
+log = get_logger(__name__)
 
 
 class MetricsLog:
@@ -35,7 +36,8 @@ class MetricsLog:
         run = wandb.init(project=wandb_cfg.project, name=run_name, id=run_name.replace("/", "-"), resume="allow",
                          mode=mode, dir=str(folder), config=run_config, reinit="finish_previous",
                          settings=wandb.Settings(silent=True))
-        print(f"wandb ({mode}): {Path(run.dir).parent}" + (" — `wandb sync` it to upload" if mode == "offline" else ""))
+        upload = " — `wandb sync` it to upload" if mode == "offline" else ""
+        log.info(f"wandb ({mode}): {Path(run.dir).parent}{upload}")
         return run
 
     def log(self, row: dict) -> None:

@@ -79,15 +79,15 @@ class Precision:
                                    "this consolidation afresh")
 
     def warnings(self) -> list[str]:
-        """What the user should know before a long run in this precision (printed once, by rank 0)."""
+        """What the user should know before a long run in this precision (logged once, by rank 0, as warnings)."""
         out = []
         if self.master != torch.float32:
-            out.append(f"WARNING: trainer.master_dtype={NAMES[self.master]}: the weights and the AdamW state are "
+            out.append(f"trainer.master_dtype={NAMES[self.master]}: the weights and the AdamW state are "
                        f"{NAMES[self.master]}, with no float32 master copy; updates smaller than "
                        f"{NAMES[self.master]} resolution round away (at lr 1e-6 most of them). "
                        "trainer.master_dtype=float32 keeps a float32 master copy.")
         if self.compute == torch.float16:
-            out.append("WARNING: trainer.dtype=float16 runs without a loss scaler: gradients below float16's range "
+            out.append("trainer.dtype=float16 runs without a loss scaler: gradients below float16's range "
                        "flush to zero (and overflowing ones skip the step); prefer trainer.dtype=bfloat16.")
         return out
 

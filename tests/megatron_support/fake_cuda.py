@@ -15,7 +15,7 @@ torch AdamW (no TransformerEngine/Apex here), the all-gather. What this cannot s
     from fake_cuda import install; install()   # after shims.install(), before the model is built
 
 Run as a script, it is ``python -m oel_hpc.worker`` under the mode, with ``trainer.optimizer`` resolved as on a
-GPU (``oel_hpc.megatron.trainer.resolve`` sees device "cuda"):
+GPU (``oel_hpc.train.megatron.trainer.resolve`` sees device "cuda"):
 
     PYTHONPATH=tests/megatron_support OEL_MEGATRON_CPU_SHIMS=1 \\
         torchrun --nproc_per_node=2 tests/megatron_support/fake_cuda.py <run-dir> r1/consolidate
@@ -63,7 +63,7 @@ def install() -> None:
 
 def resolve_as_on_gpu() -> None:
     """trainer.optimizer resolves as if the trainer's device were CUDA (the trainer itself still runs on the CPU)."""
-    import oel_hpc.megatron.trainer as trainer
+    import oel_hpc.train.megatron.trainer as trainer
 
     real = trainer.resolve
     trainer.resolve = lambda kind, device, *dtypes: real(kind, "cuda", *dtypes)

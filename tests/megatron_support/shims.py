@@ -7,7 +7,7 @@ torch or megatron for the whole process.
 
 or, for subprocesses and Slurm jobs, ``PYTHONPATH=tests/megatron_support OEL_MEGATRON_CPU_SHIMS=1`` (the
 ``sitecustomize`` beside this file then calls ``install()`` at interpreter start). Model code must also use
-``use_cpu_initialization=True``, fusions off and dropout 0 (``oel_hpc.megatron.model.transformer_config(cpu=True)``
+``use_cpu_initialization=True``, fusions off and dropout 0 (``oel_hpc.train.megatron.model.transformer_config(cpu=True)``
 does), and must not call ``model_parallel_cuda_manual_seed`` (it seeds CUDA generators).
 
 The shims, each with why it is needed:

@@ -1,14 +1,6 @@
 """trainer=torch: the student and teacher as Hugging Face models, replicated (DDP) or sharded (FSDP2) across the
-data-parallel ranks. Everything the consolidation loop (train/consolidate.py) needs from a backend:
-
-    sampler                          the HF model the student samples with (on-policy), refreshed each step
-    dp_rank, dp_size                 this rank's share of the rows
-    teacher_hidden / student_loss    one micro-batch (the loss inside `accumulate`, backward by the caller)
-    normalizer, optimizer_step       gradient scale and the update
-    checkpoint_state / load_checkpoint_state / checkpoint_meta / export
-
-The megatron-core backend (oel_hpc/megatron/trainer.py) offers the same.
-"""
+data-parallel ranks. Satisfies train/backend.py's TrainerBackend, as the megatron-core backend
+(train/megatron/trainer.py) does."""
 from __future__ import annotations
 
 import copy
@@ -19,23 +11,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from transformers import AutoModelForCausalLM
 
 from oel_hpc.train import checkpoint, distributed
+from oel_hpc.train.batch import pad_batch
 from oel_hpc.train.loss import topk_reverse_kl
 from oel_hpc.train.precision import Precision, fresh_adam_steps
-
-
-def pad_batch(sequences: list[list[int]], response_lens: list[int], pad_id: int, device):
-    """Right-padded ids and attention mask, and the flat indices (into [rows × width]) of the positions that
-    predict each response token, rows concatenated."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    positions = []
-    for i, (s, n) in enumerate(zip(sequences, response_lens)):
-        ids[i, :len(s)] = torch.tensor(s)
-        attention[i, :len(s)] = 1
-        # the token at position p is predicted from position p - 1
-        positions.append(torch.arange(len(s) - n - 1, len(s) - 1) + i * width)
-    return ids.to(device), attention.to(device), torch.cat(positions).to(device)
 
 
 def decoder_hidden(model, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -75,7 +53,7 @@ class Distiller(torch.nn.Module):
         return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
 
 
-class TorchTrainer:
+class TorchTrainer:  # a train.backend.TrainerBackend
     name = "torch"
 
     def __init__(self, cfg, base: Path, d: distributed.Dist, lr: float, weight_decay: float):

@@ -33,6 +33,12 @@ SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 VOCAB_PAD_MULTIPLE = 128
 
 
+def shard_key(tp_rank: int, tp: int) -> str:
+    """Where a TP rank's model and optimizer state sit in a trainer=megatron checkpoint (DCP), as the trainer writes
+    them and the evaluation export (train/export.py) reads them back without megatron."""
+    return f"tp{tp_rank}_of_{tp}"
+
+
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """The vocabulary size the megatron model is built with: ``vocab_size`` rounded up to a multiple of ``128*tp``
     (megatron's ``make_vocab_size_divisible_by=128`` rule), so every TP rank holds the same number of rows and the
@@ -203,7 +209,7 @@ def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ HF -> megatron
 def hf_to_megatron(hf_state: dict, hf_config, *, tp_rank: int, tp_size: int, fused_norms: bool = False) -> dict:
     """The state dict (without ``_extra_state`` entries) of TP rank ``tp_rank`` of a megatron GPTModel built by
-    ``oel_hpc.megatron.model.build_gpt(hf_config, tp=tp_size)``. ``fused_norms=True`` names the pre-norms as the
+    ``oel_hpc.train.megatron.model.build_gpt(hf_config, tp=tp_size)``. ``fused_norms=True`` names the pre-norms as the
     TransformerEngine spec does. Raises ``KeyError`` for a missing HF tensor and ``ValueError`` for HF tensors it
     does not know (other than a tied ``lm_head.weight`` and rotary ``inv_freq`` buffers)."""
     a = arch(hf_config)

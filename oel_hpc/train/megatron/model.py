@@ -6,7 +6,7 @@ tensor_model_parallel_size=tp)`` first (on GPU also ``tensor_parallel.model_para
 then::
 
     model = build_gpt(hf_config, tp=tp, dtype=torch.bfloat16, cpu=False)  # on the current CUDA device
-    load_hf(model, hf_state, hf_config, tp_rank, tp)        # oel_hpc.megatron.convert
+    load_hf(model, hf_state, hf_config, tp_rank, tp)        # oel_hpc.train.megatron.convert
     h = final_hidden(model, input_ids, allreduce_grad=True)  # [b, s, hidden], same on every TP rank
     logits_shard = h @ output_weight(model).t()              # [b, s, Vp/tp]: this rank's vocabulary columns
     loss(...).backward(); finalize_grads(model, tp_group)    # then the optimizer step
@@ -14,7 +14,7 @@ then::
 Gradient convention: the hidden states feed every TP rank's replica of the decoder, while each rank's logits only
 cover its vocabulary shard, so the gradient w.r.t. the hidden states must be summed over the TP group somewhere
 (megatron's ColumnParallelLinear LM head does it in its backward). ``final_hidden`` does NOT do it by default,
-because the project's vocab-parallel loss (``oel_hpc.train.loss_vocab_parallel``) all-reduces that gradient itself.
+because the project's vocab-parallel loss (``oel_hpc.train.loss.vocab_parallel``) all-reduces that gradient itself.
 A caller that multiplies by ``output_weight`` with plain torch ops (as above) must ask for it:
 ``final_hidden(model, ids, allreduce_grad=True)`` (or ``copy_to_tp_region(h, group)``). Summing twice (both) or
 never gives wrong gradients for everything below the LM head.
@@ -34,8 +34,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from oel_hpc.megatron.attention import SDPAttention
-from oel_hpc.megatron.convert import arch, check_tp, padded_vocab_size, unwrap
+from oel_hpc.train.megatron.attention import SDPAttention
+from oel_hpc.train.megatron.convert import arch, check_tp, padded_vocab_size, unwrap
 
 __all__ = ["padded_vocab_size", "transformer_config", "layer_spec", "build_gpt", "final_hidden", "output_weight",
            "finalize_grads", "tp_partial_grad_params", "copy_to_tp_region", "have_transformer_engine",
@@ -125,7 +125,7 @@ def layer_spec(attention: str = "auto", *, qk_layernorm: bool = False) -> Module
 def build_gpt(hf_config, *, tp: int, dtype: torch.dtype = torch.float32, attention: str = "auto",
               cpu: bool) -> GPTModel:
     """A randomly initialised megatron ``GPTModel`` for this TP rank with the architecture of ``hf_config`` (load
-    the weights with ``oel_hpc.megatron.convert.load_hf``). Needs ``initialize_model_parallel(
+    the weights with ``oel_hpc.train.megatron.convert.load_hf``). Needs ``initialize_model_parallel(
     tensor_model_parallel_size=tp)`` done. Vocabulary padded to ``padded_vocab_size(vocab_size, tp)``; embeddings
     tied iff ``tie_word_embeddings``; RoPE base from ``rope_parameters["rope_theta"]``. Every parameter is in
     ``dtype`` (norms included); ``cpu=True`` creates the weights on the CPU, otherwise on the current CUDA device
@@ -197,7 +197,7 @@ def final_hidden(model, input_ids: torch.Tensor, *, allreduce_grad: bool = False
     Runs embedding -> rotary table -> decoder (whose last step is the final norm) and skips the output layer.
     ``allreduce_grad=True`` passes the result through ``copy_to_tp_region`` (gradient summed over the TP group in
     backward): needed when the loss is computed from this rank's logits shard with plain torch ops, wrong with a
-    loss that reduces the hidden-state gradient itself such as ``loss_vocab_parallel`` (see the module doc)."""
+    loss that reduces the hidden-state gradient itself such as ``loss.vocab_parallel`` (see the module doc)."""
     model = unwrap(model)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")

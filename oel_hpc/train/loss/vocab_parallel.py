@@ -1,4 +1,4 @@
-"""The consolidation loss (loss.py) when the LM head is split by vocabulary rows over a tensor-parallel group.
+"""The consolidation loss (this package) when the LM head is split by vocabulary rows over a tensor-parallel group.
 
 Rank r of the group holds rows [r·Vs, (r+1)·Vs) of a vocabulary padded to Vs·tp ≥ V; the hidden states are the
 same on every rank. Nothing of size [N × V] may exist, not even [chunk × V] on one rank, so every quantity that
@@ -10,7 +10,7 @@ needs the whole vocabulary is rebuilt from per-shard pieces that are small:
 - the student's top-k: the global top-k lies within the union of the per-shard top-k's, so each shard sends at most
   k candidates (value, global id) and every rank merges the same gathered list. Ties are broken towards the lower
   global id, in the shard *and* in the merge, so every rank picks the same set and it is the set a single device
-  would pick (loss.py's topk_lowest_id, the rule of every implementation; a rank-dependent choice would give
+  would pick (common.py's topk_lowest_id, the rule of every implementation; a rank-dependent choice would give
   different losses on different ranks).
 - the teacher's log-probs at S: only the owner of an id has its logit; the others add exact zeros (all-reduce).
 
@@ -19,21 +19,22 @@ Per chunk of c positions the forward makes three collectives: an all-gather of [
 all-reduce of [c, k] teacher logits; every rank then holds the same ℓ, loss, kl_sum and entropies. When gradients
 are wanted a fourth, an all-reduce of [c, H], follows.
 
-The gradients are computed in the forward, while the chunk's local logits exist (loss.py's GradientsFromForward).
+The gradients are computed in the forward, while the chunk's local logits exist (common.py's GradientsFromForward).
 dℓ/dlp at S depends on the student's values at ids other ranks own, but every rank holds the same gathered
 candidates, so every rank has it. The gradient of the local logits is local (scatter of g at the owned ids −
-softmax_local·Σg, as in loss.py); so is the head shard's. The hidden states feed every rank's replica of the
+softmax_local·Σg, as in chunked.py); so is the head shard's. The hidden states feed every rank's replica of the
 decoder, so their gradient is the sum over ranks of dz_local @ W_shard, all-reduced here as megatron's
 ColumnParallelLinear does in its backward (do not wrap the input in
-copy_to_tensor_model_parallel_region as well). A group of one rank is loss.py's `topk_reverse_kl` itself.
+copy_to_tensor_model_parallel_region as well). A group of one rank is `topk_reverse_kl` itself.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from oel_hpc.train.loss import (GradientsFromForward, LossOutput, _fp32, _logits_into, _topk_kl_and_grad, check_inputs,
-                               topk_lowest_id, topk_reverse_kl)
+from oel_hpc.train.loss.common import (GradientsFromForward, LossOutput, _fp32, _logits_into, _topk_kl_and_grad,
+                                       check_inputs, topk_lowest_id)
+from oel_hpc.train.loss.dispatch import topk_reverse_kl
 
 _N_STATS = 3  # per shard and model: max, Σ e^{z−max}, Σ e^{z−max}(z−max)
 # all_gather_into_tensor is deprecated from torch 2.13 in favour of all_gather_single, which older torch lacks
@@ -79,7 +80,7 @@ def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _VocabParallelTopKReverseKL(GradientsFromForward):
     """Returns (loss = Σ ℓ_t / normalizer, Σ ℓ_t, Σ H_student, Σ H_teacher), the same on every rank of the group.
-    As loss.py's chunked loss, the gradients (of h, all-reduced, and of this rank's head shard) are computed in
+    As the chunked loss, the gradients (of h, all-reduced, and of this rank's head shard) are computed in
     the forward while a chunk's local logits exist; per chunk three [chunk, Vs] fp32 buffers."""
 
     @staticmethod

@@ -1,10 +1,10 @@
 """trainer=megatron: the consolidation step on megatron-core GPTModels split by tensor parallelism.
 
-The same backend interface as train/torch_trainer.py, so train/consolidate.py runs unchanged. The ranks form a
-grid of tp × dp (megatron's parallel_state): the `tp` ranks of one group hold one copy of the model, each a slice
+The same backend interface (train/backend.py) as train/torch/, so train/consolidate.py runs unchanged. The ranks
+form a grid of tp × dp (megatron's parallel_state): the `tp` ranks of one group hold one copy of the model, each a slice
 of every layer and a vocabulary shard of the LM head; they see the same rows, sample the same responses (the
 sampler is a full HF copy, per-row seeds), and compute the loss over vocab-parallel logits
-(train/loss_vocab_parallel.py). The dp groups split the rows and sum their gradients.
+(train/loss/vocab_parallel.py). The dp groups split the rows and sum their gradients.
 
 Sampling and the final export go through a Hugging Face copy of the student, refreshed from the TP shards every
 step (an all-gather in the TP group): simple and exact, but a full copy per rank — fine up to a few B parameters.
@@ -35,18 +35,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from oel_hpc.megatron import convert
-from oel_hpc.megatron.model import build_gpt, final_hidden, finalize_grads, output_weight
-from oel_hpc.megatron.optimizer import MasterAdamW, loss_normalizer, resolve
+from oel_hpc.train.megatron import convert
+from oel_hpc.train.megatron.convert import shard_key
+from oel_hpc.train.megatron.model import build_gpt, final_hidden, finalize_grads, output_weight
+from oel_hpc.train.megatron.optimizer import MasterAdamW, loss_normalizer, resolve
 from oel_hpc.train import checkpoint, distributed
+from oel_hpc.train.batch import pad_batch
 from oel_hpc.train.loss import topk_reverse_kl
-from oel_hpc.train.loss_vocab_parallel import vocab_parallel_topk_reverse_kl
+from oel_hpc.train.loss.vocab_parallel import vocab_parallel_topk_reverse_kl
 from oel_hpc.train.precision import Precision, fresh_adam_steps
-from oel_hpc.train.torch_trainer import pad_batch
-
-
-def shard_key(tp_rank: int, tp: int) -> str:
-    return f"tp{tp_rank}_of_{tp}"
 
 
 def _init_parallel(d: distributed.Dist, tp: int):
@@ -85,7 +82,7 @@ def check_optimizer(meta: dict, path, kind: str, dp_size: int) -> None:
                            f"{meta.get('dp')} x trainer.tp ranks")
 
 
-class MegatronTrainer:
+class MegatronTrainer:  # a train.backend.TrainerBackend
     name = "megatron"
 
     def __init__(self, cfg, base: Path, d: distributed.Dist, lr: float, weight_decay: float):
@@ -115,7 +112,7 @@ class MegatronTrainer:
         self.teacher = build().eval().requires_grad_(False)
         self.dist_opt = self.master_opt = None
         if self.optimizer_kind == "distributed":
-            from oel_hpc.megatron.optimizer import DistributedAdam
+            from oel_hpc.train.megatron.optimizer import DistributedAdam
 
             # the student stays the GPTModel, called directly; dist_opt.ddp owns its gradient buffers
             self.dist_opt = DistributedAdam(self.student, lr=lr, weight_decay=weight_decay,
@@ -177,8 +174,8 @@ class MegatronTrainer:
     def student_loss(self, sequences, lens, pad_id, teacher_hidden, normalizer, loss_args):
         h = self._hidden(self.student, sequences, lens, pad_id)
         loss_args = dict(loss_args)
-        impl = loss_args.pop("impl", "auto")  # loss.py's choice (auto | chunked | fused); vocab-parallel: chunked only
-        if self.tp == 1:  # the whole head is here: loss.py's topk_reverse_kl (what the vocab-parallel loss is at tp=1)
+        impl = loss_args.pop("impl", "auto")  # the loss package's choice (auto | chunked | fused); vocab-parallel: chunked only
+        if self.tp == 1:  # the whole head is here: topk_reverse_kl (what the vocab-parallel loss is at tp=1)
             V = self.vocab_size
             out = topk_reverse_kl(h, output_weight(self.student)[:V], teacher_hidden, output_weight(self.teacher)[:V],
                                   normalizer=normalizer, impl=impl, **loss_args)

@@ -1,5 +1,5 @@
-"""Fused GPU path of the top-k reverse-KL loss (DESIGN.md §1 "The loss"; the plain oracle is loss.py's
-`topk_reverse_kl_reference`, the PyTorch path `topk_reverse_kl`). Triton kernels compute hidden → logits →
+"""Fused GPU path of the top-k reverse-KL loss (DESIGN.md §1 "The loss"; the plain oracle is reference.py's
+`topk_reverse_kl_reference`, the PyTorch path chunked.py). Triton kernels compute hidden → logits →
 log-softmax → student top-k → gather → KL and the backward without ever holding a [tokens × vocab] tensor of logits.
 
 Same contract as `topk_reverse_kl`: `fused_topk_reverse_kl(hs [N,H], Ws [V,H], ht [N,H], Wt [V,H], k=, temperature=,
@@ -22,7 +22,7 @@ Forward
      student logits at them.
   2. teacher stream: the same kernel without top-k (logsumexp and entropy of the teacher).
   3. `_gather_dot_kernel`: the teacher logits at the student's ids, h_t · W_t[id] (k rows of W_t per position).
-  4. ℓ from the [N, k] log-probs in PyTorch (loss.py's `_topk_kl`, with renormalisation), so autograd yields
+  4. ℓ from the [N, k] log-probs in PyTorch (common.py's `_topk_kl`, with renormalisation), so autograd yields
      ga = ∂loss/∂(z_S/τ) [N, k] and glse = ∂loss/∂log S [N] for the student (log-probs as (z/τ − m) − log S:
      a rounded fp32 lse would cost near-max log-probs their precision, see `_stream`).
 Backward (`_StudentTopK.backward`): ∂loss/∂z = (scatter(ga at S) + glse · softmax(z/τ)) / τ, formed vocab slab
@@ -55,7 +55,7 @@ bitcast .to(tl.int32, bitcast=True), int64 shifts, module-level tl.constexpr, lo
 all present since Triton 3.0 (torch 2.4), so in Triton 3.5 (torch 2.11) and 3.9 alike; no tl.sort / tl.topk /
 tl.gather (tl.topk is recent, tl.sort is slow in the interpreter).
 
-k ≤ FUSED_MAX_K (256) is the kernels' range: a larger k raises ValueError (use loss.py's chunked path).
+k ≤ FUSED_MAX_K (256) is the kernels' range: a larger k raises ValueError (use the chunked path).
 
 Triton is imported guardedly: this module imports without triton; calling the loss then raises a clear error. On
 a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported) — how the tests
@@ -71,7 +71,7 @@ import os
 
 import torch
 
-from oel_hpc.train.loss import FUSED_MAX_K, LossOutput, _topk_kl, check_inputs
+from oel_hpc.train.loss.common import FUSED_MAX_K, LossOutput, _topk_kl, check_inputs
 
 try:  # guarded: the package must import where triton is absent (CPU-only installs)
     import triton
@@ -233,7 +233,7 @@ def _next_pow2(x: int) -> int:
 def _require_triton(*tensors: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError(f"the fused top-k reverse-KL loss needs triton, which does not import here "
-                           f"({_TRITON_ERROR!r}); use loss.py's chunked path (impl='chunked')")
+                           f"({_TRITON_ERROR!r}); use the chunked path (impl='chunked')")
     if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the fused top-k reverse-KL loss runs on CUDA tensors (or on the CPU in Triton's "
                            "interpreter: TRITON_INTERPRET=1 set before triton is imported); use impl='chunked'")
@@ -411,7 +411,7 @@ def fused_topk_reverse_kl(student_hidden: torch.Tensor, student_head_weight: tor
                           k: int = 256, temperature: float = 0.7, renormalize: bool = False,
                           normalizer: float | int | torch.Tensor | None = None,
                           vocab_splits: int | None = None, slab_bytes: int = 32 << 20) -> LossOutput:
-    """`topk_reverse_kl` (loss.py) on the Triton kernels of this module: same arguments, same LossOutput.
+    """`topk_reverse_kl` (dispatch.py) on the Triton kernels of this module: same arguments, same LossOutput.
     vocab_splits: vocabulary ranges per row block in the forward (None: enough programs for the GPU);
     slab_bytes: bound on the backward's dz buffer [N × vocab slab] (module docstring)."""
     normalizer = _validate(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, k,

@@ -3,7 +3,7 @@
 Megatron's stock ``DotProductAttention`` materialises the [b, heads, s, s] score matrix (baddbmm + softmax + bmm);
 ``SDPAttention`` hands the same computation to PyTorch SDPA (flash / memory-efficient kernels on GPU), with the same
 constructor and forward signatures, so it drops into ``get_gpt_layer_local_spec(...)``'s ``core_attention`` slot
-(``oel_hpc.megatron.model.layer_spec("sdpa")`` does that).
+(``oel_hpc.train.megatron.model.layer_spec("sdpa")`` does that).
 
 Supported: self-attention with a causal mask (``AttnMaskType.causal``), ``attention_mask=None`` (the mask is
 implied), equal query and key lengths, GQA (``num_query_groups`` < heads), no context parallelism, no packed
