@@ -25,7 +25,7 @@ def _module():
 
 
 def test_mfu_formula_reproduces_the_anchors():
-    """shared/ANCHORS.md, Qwen3-1.7B shape, 4096 tokens, 989 TFLOP/s: HF 26,482 tokens/s = 31.4 % MFU, megatron
+    """The H200 reference point of docs/results.md, Qwen3-1.7B shape, 4096 tokens, 989 TFLOP/s: HF 26,482 tokens/s = 31.4 % MFU, megatron
     31,348 tokens/s = 37.2 %."""
     g = _module()
     s = g.QWEN3_1_7B

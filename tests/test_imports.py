@@ -22,7 +22,7 @@ LAYERS = {
     "oel_hpc.__main__": 4, "oel_hpc.worker": 4, "oel_hpc.status": 4,
     "oel_hpc.launch": 3, "oel_hpc.lifecycle": 3,
     "oel_hpc.stages": 2, "oel_hpc.summary": 2,
-    "oel_hpc.train": 1, "oel_hpc.engines": 1, "oel_hpc.megatron": 1,
+    "oel_hpc.train": 1, "oel_hpc.engines": 1,
     "oel_hpc": 0,
 }
 TORCH_FREE = ["oel_hpc.errors", "oel_hpc.log", "oel_hpc.rundir", "oel_hpc.config", "oel_hpc.games", "oel_hpc.prompts",

@@ -2,7 +2,7 @@
 
 There is no GPU here: the kernels run in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1)
 before triton is imported, so every kernel case runs in one subprocess (`_CASES` below) that prints its errors as
-JSON; the tests then check each case against its tolerance. The oracle is the formula of DESIGN.md §1 in float64 on
+JSON; the tests then check each case against its tolerance. The oracle is the formula of docs/design.md ("The loss") in float64 on
 the same inputs (16-bit inputs upcast: what the kernels compute, fp32 logits) with ties in the top-k broken toward
 the lower id — the rule of every implementation (loss/common.py's topk_lowest_id), so cases with exact ties compare with
 loss.py's paths in full too (in bf16 on inputs whose logits are exact in bf16: loss.py rounds its logits to the
@@ -35,7 +35,7 @@ torch.set_num_threads(1)
 
 
 def oracle(hs, Ws, ht, Wt, k, tau, renorm):
-    """float64 DESIGN §1 loss on full logits, top-k by a stable descending sort (ties: lower id first)."""
+    """float64 loss of docs/design.md on full logits, top-k by a stable descending sort (ties: lower id first)."""
     hs, Ws = (x.detach().double().requires_grad_() for x in (hs, Ws))
     lp = F.log_softmax(hs @ Ws.t() / tau, -1)
     lq = F.log_softmax(ht.double() @ Wt.double().t() / tau, -1)

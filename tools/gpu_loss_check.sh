@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of the consolidation loss (oel_hpc/train/loss/: chunked.py, fused.py) in one call, most valuable first:
-#   1. tools/bench_loss.py at the ANCHORS.md shape (T 8192, H 2560, V 151,936, k 256, bf16): naive, chunked, fused
+#   1. tools/bench_loss.py at the GPU shape (T 8192, H 2560, V 151,936, k 256, bf16): naive, chunked, fused
 #      and Liger side by side, ratios to naive, the targets;
 #   2. tools/bench_loss.py --check: naive, chunked and fused values and gradients agree (bf16, then fp32);
 #   3. the fused cases of tests/test_loss_adversarial.py on CUDA (ties, peaked/flat, masked rows, k = 1 / V).

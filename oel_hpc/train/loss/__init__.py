@@ -1,4 +1,4 @@
-"""Consolidation loss: top-k reverse KL(student || teacher) on response tokens (DESIGN.md §1 "The loss").
+"""Consolidation loss: top-k reverse KL(student || teacher) on response tokens (docs/design.md, "The loss").
 
 For a response position t, lp = log_softmax(z_s / τ), lq = log_softmax(z_t / τ) over the full vocabulary and
 S_t = the student's top-k ids (picked without gradient):

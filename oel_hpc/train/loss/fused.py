@@ -1,4 +1,4 @@
-"""Fused GPU path of the top-k reverse-KL loss (DESIGN.md §1 "The loss"; the plain oracle is reference.py's
+"""Fused GPU path of the top-k reverse-KL loss (docs/design.md, "The loss"; the plain oracle is reference.py's
 `topk_reverse_kl_reference`, the PyTorch path chunked.py). Triton kernels compute hidden → logits →
 log-softmax → student top-k → gather → KL and the backward without ever holding a [tokens × vocab] tensor of logits.
 
@@ -46,9 +46,9 @@ Extra memory beyond the inputs, N tokens, 16-bit inputs:
 At T = 8192, H = 2560, V = 151,936, k = 256, bf16, slab_bytes = 32 MiB (Vs = 2048, 75 slabs), 132 SMs (5 splits):
 forward peak ≈ 0.15 GB; saved ≈ 34 MB (42 with renormalize); backward peak ≈ 0.99 GB = 0.92 GiB, of which 0.82 GB
 are the gradients themselves (grad_W 0.78 GB): ≈ 0.17 GB beyond them (accounted on the meta device with the kernels
-stubbed out, not measured on a GPU). GPU timings were not measured when this was written (no GPU in that
-session): the kernels were checked in Triton's interpreter against the PyTorch paths, and compiled for sm_90 and
-sm_80 with ptxas to choose tiles that do not spill (`_tiles`).
+stubbed out). The kernels are checked in Triton's interpreter against the PyTorch paths (tests/test_loss_triton.py);
+their tiles were chosen by compiling for sm_90 and sm_80 with ptxas so that they do not spill (`_tiles`). GPU
+timings: tools/gpu_loss_check.sh; what has run where: docs/results.md.
 
 Triton APIs: tl.dot (input_precision), tl.load/store with masks, tl.where, tl.max/min/sum reductions, tl.reshape,
 bitcast .to(tl.int32, bitcast=True), int64 shifts, module-level tl.constexpr, loops and ifs on runtime scalars —
@@ -62,7 +62,7 @@ a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before tri
 check them; there the bf16/fp16 tiles are upcast to fp32 before tl.dot (the interpreter would multiply bf16 as raw
 uint16), the same numbers as a 16-bit dot with fp32 accumulation.
 
-On a GPU, `python tools/bench_loss.py` times fused / chunked / naive / Liger at the ANCHORS.md shape and `--check`
+On a GPU, `python tools/bench_loss.py` times fused / chunked / naive / Liger at the GPU shape (T 8192, H 2560, V 151,936, k 256) and `--check`
 compares their values.
 """
 from __future__ import annotations
@@ -249,7 +249,7 @@ def _dot_args(x: torch.Tensor) -> dict:
 
 def _tiles(kernel: str, x: torch.Tensor, kp: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_V) per kernel, chosen by compiling for sm_90 and sm_80 at 8 warps and reading ptxas's register
-    and spill counts (not timed: no GPU was at hand). 16-bit: student 64×128 (KP 256: 255 registers and a 24-byte
+    and spill counts (not timed). 16-bit: student 64×128 (KP 256: 255 registers and a 24-byte
     spill on sm_90; 64×64 without spill elsewhere), teacher and dz 128×128 (≤ 231 registers). fp32 (IEEE dots):
     smaller tiles, which keep sm_80 from spilling."""
     wide = x.dtype != torch.float32

@@ -53,8 +53,8 @@ at any dp; resharding this one would take megatron's dist_checkpointing (`optimi
 model.sharded_state_dict(), metadata={"distrib_optim_sharding_type": "fully_reshardable"})`), a second on-disk
 format beside DCP, for consolidation jobs that requeue on the same allocation anyway.
 
-Not yet run on a GPU (no session so far had one): `tools/gpu_check.py` exercises `DistributedAdam` (dp=1) on the
-first. tests/test_megatron_optimizer.py runs it on the CPU, megatron's own code with gloo (which reduce-scatters
+`tools/gpu_check.py` exercises `DistributedAdam` (dp=1) on a GPU (what has run where: docs/results.md).
+tests/test_megatron_optimizer.py runs it on the CPU, megatron's own code with gloo (which reduce-scatters
 and all-gathers in torch 2.13), under a test-only pretend-CUDA mode (tests/megatron_support/fake_cuda.py): whole
 consolidations at tp=2 x dp=2 give the adamw path's weights, resume exactly, refuse another dp or optimizer.
 """

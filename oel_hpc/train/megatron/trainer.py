@@ -10,7 +10,7 @@ Sampling and the final export go through a Hugging Face copy of the student, ref
 step (an all-gather in the TP group): simple and exact, but a full copy per rank — fine up to a few B parameters.
 The optimizer (`trainer.optimizer`, megatron/optimizer.py): `adamw` = torch.optim.AdamW on each rank's shard,
 gradients reduced by hand in `optimizer_step` (CPU and GPU); `distributed` = megatron's DistributedDataParallel +
-DistributedOptimizer, state sharded over dp (CUDA only; not yet run: no GPU so far); `auto` = distributed on CUDA.
+DistributedOptimizer, state sharded over dp (CUDA only); `auto` = distributed on CUDA.
 
 Checkpoints (DCP) hold each TP rank's model and optimizer state under `tp<r>_of_<tp>`; data-parallel replicas
 write one copy of the model (and, with adamw, of the optimizer; the distributed optimizer's shards are per dp
