@@ -2,7 +2,8 @@
 checkpoints every `save_freq` steps, resumed from the newest; ends with one Hugging Face export.
 
 Runs on every rank of a data-parallel job (the process group comes from the environment: torchrun or Slurm tasks;
-none for one process). Every rank returns the outputs once all have finished; the lifecycle writes DONE on rank 0."""
+none for one process). Every rank returns once all have finished; the lifecycle writes DONE on rank 0 from rank
+0's list of outputs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,6 @@ def run(ctx: StageContext, r: int, task=None) -> list[Path]:
 
     ctx.drop_engine()  # the trainer holds its own student and teacher
     with distributed.process_group(ctx.cfg.trainer) as d:
-        consolidate(ctx, r, d)
-        d.barrier()  # the export (rank 0) is complete before any rank lists it
-    paths = ctx.paths
-    return [p for p in paths.hf(r).iterdir() if p.is_file()] + [paths.metrics(r)]
+        outputs = consolidate(ctx, r, d)  # rank 0's list; the others get [] (only rank 0 writes DONE)
+        d.barrier()  # the export (rank 0) is complete before any rank ends the stage
+    return outputs
