@@ -223,7 +223,7 @@ def test_done_records_the_stages_outputs(tmp_path):
     ctx = StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()})
     assert execute(ctx, gather, None) is True
     done = json.loads(paths.done(1, "gather").read_text())
-    assert list(done) == ["config_hash", "finished_at", "outputs"]
+    assert list(done) == ["config_hash", "hash_scheme", "finished_at", "outputs"]
     files = ["round_1/experience_list.json", "round_1/extract/seed_0/experience_3.txt",
              "round_1/extract/seed_1/experience_3.txt"]
     assert done["config_hash"] == gather.hash
