@@ -87,10 +87,6 @@ class AllStepsSkipped(OelError):
     """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
 
 
-def exit_code(error: BaseException) -> int:
-    return error.exit_code if isinstance(error, OelError) else EXIT_FAILURE
-
-
 @contextmanager
 def exit_on_error(prog: str) -> Iterator[None]:
     """Around an entry point's body: an `OelError` ends the process with its exit status and one line on stderr

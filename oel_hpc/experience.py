@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from oel_hpc.errors import ConfigError, EmptyExperience, MissingInput  # noqa: F401  (EmptyExperience: raised by consolidation)
+from oel_hpc.errors import ConfigError, MissingInput
 
 THINK_END = "</think>"
 MODES = ("items", "free_text")

@@ -13,18 +13,18 @@ Slurm job (`python -m oel_hpc.worker`) do around a stage, written once.
    no DONE behind.
 
 Consolidation may run as several processes (ranks). Only rank 0 clears, marks and writes DONE; the others run
-the stage. They cannot race it: the stage starts by joining the process group, which waits for rank 0.
+the stage (oel_hpc/ranks.py: the rank the process group is built from). They cannot race it: the stage starts by joining the process group, which waits for rank 0.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 from oel_hpc import log
 from oel_hpc.errors import StageConflict
 from oel_hpc.pipeline import Node, clear_outputs, conflict_message, describe, now, task_state
+from oel_hpc.ranks import detect_env
 from oel_hpc.rundir import RunPaths, mark_done, read_done, write_json_atomic
 from oel_hpc.stages import run_task
 
@@ -46,7 +46,7 @@ def execute(ctx, node: Node, task: Optional[int], *, redo_changed: bool = False)
         return False
     if state == "changed" and not redo_changed:
         raise StageConflict(conflict_message(paths, node, task))
-    main = _is_rank_zero()
+    main = detect_env().rank == 0
     marker = started_marker(paths, node, task)
     log.set_context(stage=name)
     try:
@@ -66,11 +66,3 @@ def execute(ctx, node: Node, task: Optional[int], *, redo_changed: bool = False)
     finally:
         log.set_context(stage="")
     return True
-
-
-def _is_rank_zero(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process is rank 0 of its job (or the only process), by the variables torchrun (RANK) or srun
-    (SLURM_PROCID) set; train/distributed.py reads the same ones to build the process group."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return int(environ["RANK"]) == 0
-    return int(environ.get("SLURM_PROCID") or 0) == 0

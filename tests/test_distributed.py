@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from oel_hpc.rundir import read_jsonl
 from oel_hpc.train import preemption
-from oel_hpc.train.distributed import DistEnv, detect_env, partition_by_tokens, slurm_master_port
+from oel_hpc.ranks import DistEnv, detect_env, slurm_master_port
+from oel_hpc.train.distributed import partition_by_tokens
 from tests.conftest import ROOT
 
 STEPS = 4

@@ -23,10 +23,10 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.errors import SlurmError
+from oel_hpc.errors import SlurmError, StageConflict
 from oel_hpc.launch import render
 from oel_hpc.log import get_logger
-from oel_hpc.pipeline import Manifest, Node, StageConflict, clear_outputs, now, plan, task_state
+from oel_hpc.pipeline import Manifest, Node, clear_outputs, now, plan, task_state
 from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
