@@ -83,6 +83,10 @@ class Preempted(OelError):
         super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; {how}")
 
 
+class DamagedCheckpoint(OelError):
+    """A checkpoint failed to load after it may have written into the model, and no older one loaded."""
+
+
 class AllStepsSkipped(OelError):
     """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
 

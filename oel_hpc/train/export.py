@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from oel_hpc.errors import MissingInput
 from oel_hpc.pipeline import model_path
 from oel_hpc.rundir import RunPaths
-from oel_hpc.train.checkpoint import META, no_process_group, single_process_ok, export_hf, read_meta
+from oel_hpc.train.checkpoint import META, check_intact, export_hf, no_process_group, single_process_ok
 from oel_hpc.train.megatron.convert import megatron_to_hf, shard_key
 from oel_hpc.train.precision import Precision
 
@@ -30,7 +30,7 @@ def export_for_eval(cfg, paths: RunPaths, r: int, step: int) -> Path:
     base = model_path(cfg, paths, r)
     # in trainer.export_dtype, as the final export (the checkpoint's weights are cast on load)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=Precision.from_config(cfg.trainer).export)
-    meta = read_meta(paths.ckpt(r, step))
+    meta = check_intact(paths.ckpt(r, step))  # a damaged checkpoint is refused, naming the file
     if meta.get("trainer", "torch") == "megatron":
         _load_megatron_shards(model, paths.ckpt(r, step), meta["tp"])
     else:
