@@ -6,10 +6,14 @@ it wrote; its presence is what "finished" means.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,16 +51,33 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def this_host() -> str:
+    """The short host name, reduced to letters, digits and dashes (safe inside a file name)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+def unique_suffix() -> str:
+    """`<host>.<pid>.<random>`: a temporary name no other process picks, naming the process that made it (so a
+    cleaner can tell a dead writer's leftovers: see train/checkpoint.remove_stale_tmp)."""
+    return f"{this_host()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written folder into place (the old one, if any, is removed after the new one is ready)."""
-    old = final_dir.with_name(f".{final_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
+    """Move a fully written folder into place; an old one is moved aside (under a name unique to this process)
+    and removed after. Two processes publishing the same folder at once never remove each other's: when the
+    other's rename lands between ours, theirs stays and ours is discarded (both hold the same thing)."""
+    old = final_dir.with_name(f".{final_dir.name}.{unique_suffix()}.old")
+    try:
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    except FileNotFoundError:
+        pass
+    try:
+        os.replace(tmp_dir, final_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final_dir.is_dir():
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

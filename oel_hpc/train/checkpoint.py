@@ -33,7 +33,6 @@ import random
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 import warnings
@@ -43,11 +42,13 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from oel_hpc.errors import DamagedCheckpoint
 from oel_hpc.log import get_logger
-from oel_hpc.rundir import replace_dir_atomic, sha256_file, write_json_atomic, write_text_atomic
+from oel_hpc.rundir import (replace_dir_atomic, sha256_file, this_host, unique_suffix, write_json_atomic,
+                            write_text_atomic)
 
 META = "meta.json"
 STALE_TMP_AFTER_S = 3600  # a temporary folder nobody has written to for this long belongs to a dead save
@@ -105,11 +106,7 @@ def save(ckpt_dir: Path, step: int, trainer, stage_hash: str, keep: Optional[int
 
 
 def _tmp_name(step: int) -> str:
-    return f".step_{step}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+    return f".step_{step}.{unique_suffix()}.tmp"
 
 
 _TMP = re.compile(r"^\.step_\d+\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+\.)?(?:tmp|old)$")
@@ -127,7 +124,8 @@ def remove_stale_tmp(ckpt_dir: Path, now: Optional[float] = None) -> list[str]:
         m = _TMP.match(p.name)
         if not m or not p.is_dir():
             continue
-        dead_here = m["host"] == _host() and (int(m["pid"]) == os.getpid() or not _alive(int(m["pid"])))
+        pid = int(m["pid"] or 0)
+        dead_here = m["host"] == this_host() and (pid == os.getpid() or not _alive(pid))
         if dead_here or now - _newest_mtime(p) > STALE_TMP_AFTER_S:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
@@ -268,8 +266,8 @@ def resume(ckpt_dir: Path, trainer, stage_hash: str, d=None) -> int:
             _refuse_other_config(path, meta, stage_hash, trainer)
             problem = verify(path, meta, d)
         if problem is None:
-            problem = _load(path, meta, trainer, d)
-            touched = path if problem is not None else touched
+            problem, partly = _load(path, trainer, d)
+            touched = path if partly else touched
         if problem is None:
             if main:
                 _warn_if_not_exact(path, meta, d)
@@ -306,32 +304,34 @@ def _refuse_other_config(path: Path, meta: dict, stage_hash: str, trainer) -> No
     trainer.check_checkpoint(meta, path)
 
 
-def _load(path: Path, meta: dict, trainer, d=None) -> Optional[str]:
-    """Load the checkpoint at `path` into the trainer and RNG; what went wrong (agreed by all ranks) or None."""
+def _load(path: Path, trainer, d=None) -> tuple[Optional[str], bool]:
+    """Load the checkpoint at `path` into the trainer and RNG. Returns (what went wrong, agreed by all ranks, or
+    None; whether the model may hold part of it). What can be read without touching the model is read first."""
     rank = d.rank if d is not None else 0
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():  # more ranks now than when it was written
         rng_file = path / "rng_rank0.pt"
     rng, problem = None, None
-    try:  # read before the model is touched; weights_only: no code runs from a file we did not write
+    try:  # weights_only: no code runs from a file that may not be ours
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read it is damage
-        problem = f"{rng_file.name} cannot be loaded ({_one_line(e)})"
+        dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read them is damage
+        problem = f"{rng_file.name} or .metadata cannot be loaded ({_one_line(e)})"
     problem = _first(d, problem)
     if problem is not None:
-        return problem
+        return problem, False
     state = trainer.checkpoint_state()
     try:
         with single_process_ok():
             dcp.load(state, checkpoint_id=path, no_dist=no_process_group())
-    except Exception as e:  # noqa: BLE001 - DCP raises on every rank when any rank's read fails
-        problem = f".metadata or a shard cannot be loaded ({_one_line(e)})"
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises on every rank if any read fails
+        problem = f"a shard cannot be loaded ({_one_line(e)})"
     problem = _first(d, problem)
     if problem is not None:
-        return problem
+        return problem, True
     trainer.load_checkpoint_state(state)
     _set_rng_state(rng)
-    return None
+    return None, False
 
 
 def _warn_if_not_exact(path: Path, meta: dict, d=None) -> None:
@@ -356,8 +356,10 @@ def _move_aside(path: Path) -> Path:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, CheckpointException) and e.failures:  # its text is every rank's traceback: the first error
+        e = next(iter(e.failures.values()))[0]
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 def full_model_state(model, d=None) -> Optional[dict]:
