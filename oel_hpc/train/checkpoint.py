@@ -208,7 +208,7 @@ def verify(path: Path, meta: dict, d=None) -> Optional[str]:
     file that differs), or None. Every rank calls this (hashing is split over them)."""
     recorded = meta.get("files")
     if recorded is None:
-        return None  # written before checkpoints carried checksums: the caller says so
+        return None  # written before checkpoints carried checksums: resume says so
     found = _digests(path, sorted(recorded), d)
     for name in sorted(recorded):
         want, got = recorded[name], found[name]
@@ -264,6 +264,8 @@ def resume(ckpt_dir: Path, trainer, stage_hash: str, d=None) -> int:
         meta, problem = _broadcast(d, (meta, problem))
         if problem is None:
             _refuse_other_config(path, meta, stage_hash, trainer)
+            if "files" not in meta and main:
+                log.warning(f"{path} carries no checksums (written by an older version): loading it unverified")
             problem = verify(path, meta, d)
         if problem is None:
             problem, partly = _load(path, trainer, d)
@@ -314,9 +316,13 @@ def _load(path: Path, trainer, d=None) -> tuple[Optional[str], bool]:
     rng, problem = None, None
     try:  # weights_only: no code runs from a file that may not be ours
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-        dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any failure to read them is damage
-        problem = f"{rng_file.name} or .metadata cannot be loaded ({_one_line(e)})"
+    except Exception as e:  # noqa: BLE001 - any failure to read it is damage
+        problem = f"{rng_file.name} cannot be loaded ({_one_line(e)})"
+    if problem is None:
+        try:
+            dcp.FileSystemReader(str(path)).read_metadata()
+        except Exception as e:  # noqa: BLE001
+            problem = f".metadata cannot be loaded ({_one_line(e)})"
     problem = _first(d, problem)
     if problem is not None:
         return problem, False
