@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from oel_hpc.rundir import read_jsonl
 from tests.conftest import ROOT
+from tests import test_distributed as distributed
 from tests.test_distributed import CONSOLIDATE, clean_env, cut, fresh
 
 pytestmark = pytest.mark.slow
@@ -49,27 +50,13 @@ def base_run(tmp_path_factory):
 def many_ranks(base_run, tmp_path_factory):
     """The same consolidation, uninterrupted, on RANKS DDP ranks: the reference at that rank count."""
     run = fresh(base_run, tmp_path_factory.mktemp("ranks") / "run", "ddp")
-    code, out = consolidate(run, RANKS)
-    assert code == 0, out[-4000:]
+    consolidate(run, RANKS)
     return run
 
 
-def start(run: Path, ranks: int) -> subprocess.Popen:
-    """The consolidation task of `run` as a job runs it, in its own session (a kill takes every rank at once)."""
-    pre = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    return subprocess.Popen([sys.executable, *pre, "-m", "oel_hpc.worker", str(run), "r1/consolidate"], cwd=ROOT,
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def consolidate(run: Path, ranks: int) -> tuple[int, str]:
-    proc = start(run, ranks)
-    try:
-        out = proc.communicate(timeout=400)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out
+def consolidate(run: Path, ranks: int) -> str:
+    """The consolidation task of `run` as a job runs it: one process per rank (as srun starts them)."""
+    return distributed.consolidate(run, ranks, "env")
 
 
 def kill_at_random_point(run: Path, ranks: int, rng: random.Random) -> str:
@@ -82,7 +69,7 @@ def kill_at_random_point(run: Path, ranks: int, rng: random.Random) -> str:
     def logged() -> int:  # metrics.jsonl appears once the models are loaded, and gets a row at each step's end
         return len(read_jsonl(metrics)) if metrics.is_file() else -1
 
-    proc = start(run, ranks)
+    procs = distributed.start(run, ranks, "env")
     deadline, kill_at = time.monotonic() + 300, None
     while True:
         n = logged()
@@ -90,13 +77,14 @@ def kill_at_random_point(run: Path, ranks: int, rng: random.Random) -> str:
             kill_at = time.monotonic() + fraction * (read_jsonl(metrics)[-1]["seconds"] if n > 0 else 1.0)
         if n == STEPS or (kill_at is not None and time.monotonic() >= kill_at):
             break
-        assert proc.poll() is None and time.monotonic() < deadline, \
-            f"OEL_TEST_SEED={SEED}: " + proc.communicate()[0][-3000:]
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+            f"OEL_TEST_SEED={SEED}: " + distributed.finish(procs, 5)[1][-3000:]
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    out = proc.communicate()[0]
+    for p in procs:  # every rank at once, as when a node dies (killing a launcher such as torchrun alone would
+        p.kill()     # leave its workers running)
+    codes, out = distributed.finish(procs)
     where = f"killed after {n} logged steps (aimed at {after} + {fraction:.2f} step; OEL_TEST_SEED={SEED})"
-    assert proc.returncode == -signal.SIGKILL and not done.exists(), f"{where}: it finished first\n{out[-3000:]}"
+    assert codes == [-signal.SIGKILL] * ranks and not done.exists(), f"{where}: it finished first\n{out[-3000:]}"
     return where
 
 
@@ -119,8 +107,7 @@ def test_a_killed_consolidation_resumes_bit_identically(base_run, many_ranks, ra
     rng = random.Random(SEED + ranks)
     run = fresh(base_run, tmp_path / "run", "ddp")
     where = kill_at_random_point(run, ranks, rng)
-    code, out = consolidate(run, ranks)  # the same command again, as a requeued job runs it
-    assert code == 0, f"{where}\n{out[-4000:]}"
+    consolidate(run, ranks)  # the same command again, as a requeued job runs it
     assert_identical(base_run if ranks == 1 else many_ranks, run, where)
 
 
@@ -135,8 +122,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_result_is_identical(base
     shard.write_bytes(bytes(data))
     metadata = ckpt / f"step_{STEPS - 1}/.metadata"
     metadata.write_bytes(metadata.read_bytes()[:100])
-    code, out = consolidate(run, 1)
-    assert code == 0, out[-4000:]
+    out = consolidate(run, 1)
     assert f"step_{STEPS} is damaged: __0_0.distcp does not match its sha256" in out
     assert f"step_{STEPS - 1} is damaged: .metadata has 100 bytes" in out
     assert f"resumed from checkpoint step {STEPS - 2}" in out
@@ -149,8 +135,7 @@ def test_another_rank_count_resumes_to_rounding_and_says_so(base_run, many_ranks
     """A RANKS-rank checkpoint resumed in one process: the steps after it sum each step's gradients in another
     grouping, so the weights match neither uninterrupted run bit for bit, only to rounding; the resume says so."""
     run = cut(many_ranks, tmp_path / "run", keep=1)
-    code, out = consolidate(run, 1)
-    assert code == 0, out[-4000:]
+    out = consolidate(run, 1)
     assert "resumed from checkpoint step 1" in out
     assert f"was written by {RANKS} ranks and this run has 1: the result will equal an uninterrupted run only to " \
            "rounding" in out
