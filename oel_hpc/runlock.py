@@ -29,6 +29,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -45,6 +46,7 @@ log = get_logger(__name__)
 
 LAUNCH_LOCK = "run.lock"
 JOBS_LOCK = "jobs.lock"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}  # the file system does not do flock
 
 
@@ -96,7 +98,7 @@ def in_use_message(run_dir: Path) -> str:
     if info is None:
         return f"run directory {run_dir} is in use by another command (its holder has not recorded itself in " \
                f"{LAUNCH_LOCK} yet)"
-    command = str(info.get("command", "?"))
+    command = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(info.get("command", "?")))  # one line: \n as \\n
     if len(command) > 200:
         command = command[:197] + "..."
     job = f", Slurm job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""

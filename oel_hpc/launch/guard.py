@@ -18,7 +18,14 @@ from oel_hpc.rundir import RunPaths
 log = get_logger(__name__)
 
 PYTHON_CHECK_TIMEOUT_S = 30.0
-_PROBE = "import os, oel_hpc; print('oel_hpc-probe', os.path.dirname(os.path.abspath(oel_hpc.__file__)))"
+# what a job needs before its stage starts: oel_hpc's own torch-free modules (and their packages) importable, torch and
+# transformers installed (found, not imported: importing torch can take longer than the whole check may)
+_PROBE = "\n".join([
+    "import importlib.util, os, oel_hpc, oel_hpc.config, oel_hpc.lifecycle, oel_hpc.pipeline, oel_hpc.worker",
+    "for name in ('torch', 'transformers'):",
+    "    if importlib.util.find_spec(name) is None:",
+    "        raise ModuleNotFoundError(f'No module named {name!r}')",
+    "print('oel_hpc-probe', os.path.dirname(os.path.abspath(oel_hpc.__file__)))"])
 _SETUP_DONE = "oel_hpc-setup-done"
 _NOT_FOUND = 127  # bash's status for a command it cannot find
 
