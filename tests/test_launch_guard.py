@@ -243,3 +243,31 @@ def test_the_check_runs_the_setup_lines_first(tmp_path):
     cfg.cluster.setup = ["true"]
     with pytest.raises(ConfigError, match=r"'python-from-setup' not found after cluster.setup"):
         guard.check_job_python(cfg, tmp_path)
+
+
+def test_in_a_container_the_check_runs_inside_it(tmp_path, monkeypatch, capsys):
+    """With cluster.container the probe goes through `apptainer exec` as the job's command does; without apptainer
+    here it is skipped, with a warning that says so."""
+    image = tmp_path / "oel.sif"
+    image.write_text("an image")
+    cfg = compose(["cluster=local_slurm", f"cluster.container={image}"])
+    run_dir = tmp_path / "runs" / RUN
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apptainer = bin_dir / "apptainer"
+    # a stand-in that records its argv, then runs what follows the image (here: the venv's python is the image's)
+    apptainer.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path / "argv"}\nshift 4\nexec "$@"\n')
+    apptainer.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    guard.check_job_python(cfg, run_dir)
+    argv = (tmp_path / "argv").read_text().split("\n")
+    assert argv[:6] == ["exec", "--bind", ",".join(render.container_binds(cfg, run_dir)), str(image), "python", "-c"]
+    # an image without oel_hpc: refused
+    apptainer.write_text("#!/bin/bash\necho \"ModuleNotFoundError: No module named 'oel_hpc'\" >&2\nexit 1\n")
+    with pytest.raises(ConfigError, match=r"cluster\.python.*No module named 'oel_hpc'"):
+        guard.check_job_python(cfg, run_dir)
+    # no apptainer on this host: not checked, and said so
+    apptainer.unlink()
+    monkeypatch.setenv("PATH", str(bin_dir))  # (whether or not this host has a real one)
+    guard.check_job_python(cfg, run_dir)
+    assert "cluster.python not checked: apptainer is not installed here" in capsys.readouterr().err
