@@ -74,8 +74,11 @@ def check_job_python(cfg: DictConfig, run_dir: Path) -> None:
                  else "on the PATH")
         raise ConfigError("cluster.python", f"'{argv[0]}' not found {where}: nothing submitted")
     if out.returncode != 0 or "oel_hpc-probe" not in out.stdout:
+        hint = ("" if c.python is None and c.container is None
+                else "; set cluster.python to an interpreter that has it" + (
+                    "" if c.container is not None else " (null: the one running this command)"))
         raise ConfigError("cluster.python", f"{python} cannot import oel_hpc ({_last_line(out.stderr)}): jobs would "
-                          "fail the same way; nothing submitted (null: the interpreter running this command)")
+                          f"fail the same way, nothing submitted{hint}")
     found = out.stdout.split("oel_hpc-probe", 1)[1].strip()
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if c.container is None and os.path.realpath(found) != os.path.realpath(here):
