@@ -76,12 +76,13 @@ def run(cfg: DictConfig) -> None:
         # only reachable through Hydra's multirun: main() handles single Slurm runs itself
         raise ConfigError("cluster.launcher", "Slurm launching takes one run per command; sweeps (key=a,b) are "
                           "not supported: run the command once per value, each with its own run.name")
+    from oel_hpc.launch.guard import check_run_dir
     from oel_hpc.launch.local import run_local
     from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import RunPaths, config_hash
+    from oel_hpc.rundir import config_hash
     from oel_hpc.summary import summary
 
-    paths = RunPaths(Path(cfg.run.root).resolve() / cfg.run.name)
+    paths = check_run_dir(cfg)  # before anything is written
     nodes = build_dag(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
@@ -189,8 +190,8 @@ def compose_config(argv: list[str]) -> DictConfig:
 
 
 def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
-    from oel_hpc.launch import slurm
-    from oel_hpc.pipeline import build_dag
+    from oel_hpc.launch import guard, slurm
+    from oel_hpc.pipeline import build_dag, plan
     from oel_hpc.rundir import config_hash
 
     if show == "job":
@@ -198,7 +199,7 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
         return 0
     render_only = bool(cfg.launch.render_only)
     validate(cfg, check_files=not render_only)
-    paths = slurm.check_run_dir(cfg)
+    paths = guard.check_run_dir(cfg)
     nodes = build_dag(cfg)
     if render_only:
         folder = slurm.render_only(cfg, paths, nodes)
@@ -208,6 +209,10 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     if cfg.cluster.name == "local":
         logger.warning("cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a preset such "
                        "as cluster=local_slurm, a100, h100 or b200")
+    # nothing is submitted (nor Slurm asked) with an interpreter the jobs would fail on; nothing to do: no check
+    # (render_only neither: its scripts may be meant for another host)
+    if cfg.launch.check_python and plan(paths, nodes, cfg.run.overwrite):
+        guard.check_job_python(cfg, paths.root)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
     report = slurm.submit(cfg, paths, nodes, run_hash)

@@ -320,7 +320,9 @@ class ClusterConfig:
     requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume from their checkpoint
     signal_before_end_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
     setup: list[str] = field(default_factory=list)  # shell lines run first in every job (module load, ...)
-    python: str = "python"  # the interpreter on the compute nodes
+    # the interpreter jobs run; None: the one running the submitting command (sys.executable), or `python` in
+    # cluster.container; checked before anything is submitted (launch.check_python)
+    python: Optional[str] = None
     container: Optional[str] = None  # an Apptainer image (.sif) or, with pyxis, an enroot image
     container_runtime: ContainerRuntime = ContainerRuntime.apptainer
     # bound into the container besides the run directory, a local model folder and gather.source's folder
@@ -334,6 +336,9 @@ class LaunchConfig:
     render_only: bool = False  # write the sbatch scripts (slurm/ in the run directory) without submitting
     # with render_only: write the scripts, submit.sh and config.yaml here instead (e.g. the committed slurm/)
     render_dir: Optional[str] = None
+    # before submitting: run `<cluster.python> -c "import oel_hpc"` as a job would (false: a stand-in interpreter,
+    # or compute nodes whose interpreter cannot run on the submitting host)
+    check_python: bool = True
 
 
 @dataclass

@@ -65,6 +65,14 @@ class MissingInput(ConfigError, FileNotFoundError):
         self.key = str(path)
 
 
+class RunInUse(ConfigError):
+    """Another command writes this run: it holds the run directory's lock (oel_hpc/runlock.py)."""
+
+    def __init__(self, message: str, key: str = "run.name"):
+        OelError.__init__(self, message)  # the message names the run directory and its holder
+        self.key = key
+
+
 class SlurmError(OelError):
     """A Slurm command failed or refused a job (its message names the command and Slurm's answer). Exit 2: what
     Slurm refuses is the submission's input (partition, account, limits), and nothing was left running."""

@@ -29,6 +29,7 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     from oel_hpc.lifecycle import execute
     from oel_hpc.pipeline import build_dag
     from oel_hpc.rundir import RunPaths
+    from oel_hpc.runlock import job_lock
     from oel_hpc.stages.common import StageContext
 
     paths = RunPaths(run_dir.resolve())
@@ -41,7 +42,8 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     node = nodes[stage_id]
     if node.tasks is not None and task not in node.tasks:
         raise ConfigError("--task", f"{stage_id} has tasks {node.tasks}, not {task}")
-    execute(StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()}), node, task)
+    with job_lock(paths.root):  # shared with the run's other jobs; refused while a local run holds the run
+        execute(StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()}), node, task)
 
 
 def main(argv=None) -> int:

@@ -8,11 +8,20 @@ from omegaconf import OmegaConf
 from oel_hpc.lifecycle import execute
 from oel_hpc.pipeline import Manifest, Node, now, plan
 from oel_hpc.rundir import RunPaths, write_text_atomic
+from oel_hpc.runlock import launcher_lock
 from oel_hpc.stages.common import StageContext
 
 
 def run_local(cfg, paths: RunPaths, nodes: list[Node], run_hash: str) -> int:
-    """Runs what is not done; returns how many tasks ran (0: nothing to do, and nothing is written)."""
+    """Runs what is not done, holding the run's lock (oel_hpc/runlock.py: no other launcher, no Slurm job of the
+    run meanwhile); returns how many tasks ran (0: nothing to do, and nothing is written, not even the lock)."""
+    if not plan(paths, nodes, cfg.run.overwrite):
+        return 0
+    with launcher_lock(paths.root, "local launcher", exclude_jobs=True):
+        return _run_pending(cfg, paths, nodes, run_hash)  # planned again: another writer may have finished some
+
+
+def _run_pending(cfg, paths: RunPaths, nodes: list[Node], run_hash: str) -> int:
     todo = plan(paths, nodes, cfg.run.overwrite)  # a task finished under another config: refused here, or redone
     if not todo:
         return 0

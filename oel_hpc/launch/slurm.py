@@ -28,6 +28,7 @@ from oel_hpc.launch import render
 from oel_hpc.log import get_logger
 from oel_hpc.pipeline import Manifest, Node, clear_outputs, now, plan, task_state
 from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
+from oel_hpc.runlock import launcher_lock
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
 log = get_logger(__name__)
@@ -67,15 +68,6 @@ def write_scripts(files: dict[str, str], folder: Path) -> None:
                 path.chmod(0o755)
 
 
-def check_run_dir(cfg: DictConfig) -> RunPaths:
-    """The run directory, which must lie inside run.root (a symlinked run name may not lead elsewhere)."""
-    root = Path(cfg.run.root).expanduser().resolve()
-    run_dir = (root / cfg.run.name).resolve()
-    if run_dir.parent != root:
-        raise StageConflict(f"run directory {root / cfg.run.name} resolves to {run_dir}, outside run.root {root}")
-    return RunPaths(run_dir)
-
-
 def run_config_yaml(cfg: DictConfig) -> str:
     """The config.yaml jobs read: the resolved config, as the launcher writes it (launch.* reset: it describes
     the submitting command, not the run)."""
@@ -93,9 +85,11 @@ def render_only(cfg: DictConfig, paths: RunPaths, nodes: list[Node]) -> Path:
         write_scripts(files, folder)
         return folder
     plan(paths, nodes, cfg.run.overwrite)  # a config that conflicts with the run's DONE stages is an error
-    write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
-    write_scripts({"config.yaml": run_config_yaml(cfg)}, paths.root)
-    (paths.root / "logs").mkdir(parents=True, exist_ok=True)
+    files = render.render_run(cfg, paths.root, nodes, in_run_dir=True)
+    with launcher_lock(paths.root, "render only"):  # not while another command writes the run's config.yaml
+        write_scripts(files, paths.root / "slurm")
+        write_scripts({"config.yaml": run_config_yaml(cfg)}, paths.root)
+        (paths.root / "logs").mkdir(parents=True, exist_ok=True)
     return paths.root / "slurm"
 
 
@@ -110,8 +104,15 @@ def _old_manifest(paths: RunPaths) -> dict[str, dict]:
 
 def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
            slurm: Optional[Slurm] = None) -> SubmitReport:
-    """Submit what is neither DONE nor queued/running; returns what was submitted and what was left alone."""
-    slurm = slurm or Slurm()
+    """Submit what is neither DONE nor queued/running, holding the run's launcher lock (oel_hpc/runlock.py: a second
+    submitter or a local run of it is refused; its jobs are not); returns what was submitted and left alone."""
+    if not plan(paths, nodes, cfg.run.overwrite):
+        return SubmitReport(paths.root)  # nothing to do: nothing written, not even the lock
+    with launcher_lock(paths.root, "Slurm launcher"):
+        return _submit(cfg, paths, nodes, run_hash, slurm or Slurm())
+
+
+def _submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str, slurm: Slurm) -> SubmitReport:
     report = SubmitReport(paths.root)
     todo = {node.id: tasks for node, tasks in plan(paths, nodes, cfg.run.overwrite)}
     if not todo:
