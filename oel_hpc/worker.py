@@ -28,13 +28,14 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     from oel_hpc.config import load_run_config
     from oel_hpc.lifecycle import execute
     from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import RunPaths
+    from oel_hpc.rundir import RunPaths, apply_umask
     from oel_hpc.stages.common import StageContext
 
     paths = RunPaths(run_dir.resolve())
     if not paths.config.is_file():
         raise MissingInput(paths.config, f"{paths.config} does not exist")
     cfg = load_run_config(paths.config)
+    apply_umask(cfg.run.umask)  # as the launcher had it (sbatch passes the submitter's on; srun/torchrun may not)
     nodes = {n.id: n for n in build_dag(cfg)}
     if stage_id not in nodes:
         raise ConfigError(stage_id, f"no such stage in {paths.config} (stages: {', '.join(nodes)})")

@@ -27,7 +27,7 @@ from oel_hpc.errors import SlurmError, StageConflict
 from oel_hpc.launch import render
 from oel_hpc.log import get_logger
 from oel_hpc.pipeline import Manifest, Node, clear_outputs, now, plan, task_state
-from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
+from oel_hpc.rundir import RunPaths, dir_mode, read_done, share_run_dir, write_text_atomic
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
 log = get_logger(__name__)
@@ -64,7 +64,7 @@ def write_scripts(files: dict[str, str], folder: Path) -> None:
         if not path.is_file() or path.read_text() != text:
             write_text_atomic(path, text)
             if name.endswith(".sh"):
-                path.chmod(0o755)
+                path.chmod(dir_mode())  # executable: rwx where a folder would be
 
 
 def check_run_dir(cfg: DictConfig) -> RunPaths:
@@ -93,6 +93,7 @@ def render_only(cfg: DictConfig, paths: RunPaths, nodes: list[Node]) -> Path:
         write_scripts(files, folder)
         return folder
     plan(paths, nodes, cfg.run.overwrite)  # a config that conflicts with the run's DONE stages is an error
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)
     write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
     write_scripts({"config.yaml": run_config_yaml(cfg)}, paths.root)
     (paths.root / "logs").mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,7 @@ def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: 
                      or (n.id in old and old[n.id].get("hash") != n.hash))
             if stale:  # leftovers of another config must not be resumed
                 clear_outputs(paths, n, task)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)  # sbatch passes the umask on to the jobs
     write_text_atomic(paths.config, run_config_yaml(cfg))
     write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
     (paths.root / "logs").mkdir(exist_ok=True)
