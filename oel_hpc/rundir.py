@@ -66,6 +66,22 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def default_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes open() and mkdir() would: safetensors, like mkstemp, writes
+    0600 whatever the umask. For a folder written in full before it is moved into place (an export)."""
+    umask = current_umask()
+    for p in [folder, *folder.rglob("*")]:
+        if p.is_symlink():
+            continue
+        st = p.stat()
+        if p.is_dir():
+            wanted = (0o777 & ~umask) | (st.st_mode & stat.S_ISGID)
+        else:  # an executable stays one
+            wanted = (0o666 | (st.st_mode & 0o111)) & ~umask
+        if stat.S_IMODE(st.st_mode) != wanted:
+            os.chmod(p, wanted)
+
+
 _UMASK = re.compile(r"^0[0-7]{3}$")
 
 

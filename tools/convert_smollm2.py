@@ -50,7 +50,7 @@ def convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from oel_hpc.rundir import make_temp_dir
+    from oel_hpc.rundir import default_modes, make_temp_dir
 
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -66,9 +66,10 @@ def convert(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF weights do not fit the config: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     model.generation_config = loaded.generation_config
-    tmp = make_temp_dir(out.parent, prefix=".smollm2-")  # not mkdtemp's 0700: colleagues may share the cache
+    tmp = make_temp_dir(out.parent, prefix=".smollm2-")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    default_modes(tmp)  # readable by colleagues as any other file they write (safetensors makes 0600)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # the folder appears complete or not at all
