@@ -85,10 +85,11 @@ ROWS = [{"step": 1, "kl": 0.5}, {"step": 2, "kl": 0.25}]
 FAILING_STAGE = """
 import sys
 from pathlib import Path
-from tests.conftest import compose
+from omegaconf import OmegaConf
+from oel_hpc.config import WandbConfig
 from oel_hpc.train.metrics import MetricsLog
-cfg = compose(["wandb.mode=online", "wandb.init_timeout_s=3"])
-metrics = MetricsLog(Path(sys.argv[1]), 0, cfg.wandb, "failing-r1", {"a": 1})
+cfg = OmegaConf.structured(WandbConfig(mode="online", init_timeout_s=3))
+metrics = MetricsLog(Path(sys.argv[1]), 0, cfg, "failing-r1", {"a": 1})
 for step in (1, 2):
     metrics.log({"step": step, "kl": 1 / step})
 metrics.close()
@@ -99,6 +100,7 @@ def test_failing_wandb_costs_one_warning_line_not_the_metrics(wandb_env):
     """In a process of its own, as a stage runs: what reaches stderr is exactly one line."""
     out = wandb_env / "run" / "metrics.jsonl"
     env = {**os.environ, "WANDB_BASE_URL": NO_SERVER, "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_SILENT", None)  # as a user's shell has it: wandb's own lines would show
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-c", FAILING_STAGE, str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)

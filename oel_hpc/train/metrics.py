@@ -32,6 +32,8 @@ class MetricsLog:
         mode = wandb_mode(wandb_cfg.mode)
         if mode is None:
             return None
+        # wandb's own terminal lines ("Loaded credentials ...") would come on top of the one this class writes
+        os.environ.setdefault("WANDB_SILENT", "true")
         try:
             import wandb
 
