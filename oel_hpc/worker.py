@@ -35,7 +35,7 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     if not paths.config.is_file():
         raise MissingInput(paths.config, f"{paths.config} does not exist")
     cfg = load_run_config(paths.config)
-    apply_umask(cfg.run.umask)  # as the launcher had it (sbatch passes the submitter's on; srun/torchrun may not)
+    apply_umask(cfg.run.umask)  # sbatch passes the launcher's on; a worker started by hand or torchrun has the shell's
     nodes = {n.id: n for n in build_dag(cfg)}
     if stage_id not in nodes:
         raise ConfigError(stage_id, f"no such stage in {paths.config} (stages: {', '.join(nodes)})")
