@@ -28,18 +28,13 @@ from oel_hpc.errors import ConfigError
 # from colleagues; everything written here gets the mode open() and mkdir() would give it instead.
 
 
-def _umask_by_setting() -> int:
-    # os.umask can only be read by setting it: racy if another thread creates a file meanwhile, so done once
-    old = os.umask(0o077)
-    os.umask(old)
-    return old
-
-
-_umask_fallback = _umask_by_setting()
+_umask_fallback: Optional[int] = None  # where /proc does not show it: as first read, or as apply_umask set it
 
 
 def current_umask() -> int:
-    """The process's umask: read from /proc on Linux (no race, always current), else as of import or apply_umask."""
+    """The process's umask: read from /proc on Linux (no race, always current); elsewhere read once by setting it
+    (os.umask's only way: racy should another thread create a file meanwhile) and remembered."""
+    global _umask_fallback
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -47,6 +42,9 @@ def current_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
+    if _umask_fallback is None:
+        _umask_fallback = os.umask(0o077)
+        os.umask(_umask_fallback)
     return _umask_fallback
 
 
@@ -125,12 +123,12 @@ def share_run_dir(root: Path, umask: Optional[str], group: Optional[str]) -> Non
     if group is None:
         return
     gid = group_id(group)
-    st = root.stat()
     try:
-        if st.st_gid != gid:
+        if root.stat().st_gid != gid:
             os.chown(root, -1, gid)
-        if not st.st_mode & stat.S_ISGID:
-            os.chmod(root, stat.S_IMODE(st.st_mode) | stat.S_ISGID)
+        mode = stat.S_IMODE(root.stat().st_mode)  # after chown, which may clear the setgid bit
+        if not mode & stat.S_ISGID:
+            os.chmod(root, mode | stat.S_ISGID)
     except OSError as e:
         raise ConfigError("run.group", f"cannot give {root} the group '{group}': {e.strerror}") from None
 
