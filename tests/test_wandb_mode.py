@@ -145,3 +145,14 @@ def test_a_failing_log_turns_wandb_off_and_hides_the_key(wandb_env, capfd):
     assert len(warnings) == 1 and "wandb.log failed" in warnings[0], captured.err
     assert "<WANDB_API_KEY>" in warnings[0] and "second line" not in captured.err
     assert KEY not in captured.err
+
+
+def test_a_bad_wandb_mode_in_a_jobs_environment_costs_wandb_only(wandb_env, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_MODE", "onlin")  # validated at launch; a job's cluster.setup could still set it
+    out = wandb_env / "run" / "metrics.jsonl"
+    metrics = MetricsLog(out, 0, compose([]).wandb, "bad-env-r1", {})
+    metrics.log(ROWS[0])
+    metrics.close()
+    assert out.read_text().splitlines() == [json.dumps(ROWS[0])]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "wandb is off" in line]
+    assert len(warnings) == 1 and "'onlin' is not a wandb mode" in warnings[0]

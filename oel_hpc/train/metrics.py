@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from oel_hpc.errors import ConfigError
 from oel_hpc.log import get_logger
 from oel_hpc.rundir import read_jsonl, write_jsonl_atomic
 from oel_hpc.tracking import wandb_mode
@@ -29,7 +30,11 @@ class MetricsLog:
         self.wandb = self._init_wandb(wandb_cfg, run_name, run_config, path.parent)
 
     def _init_wandb(self, wandb_cfg, run_name: str, run_config: dict, folder: Path):
-        mode = wandb_mode(wandb_cfg.mode)
+        try:  # a WANDB_MODE wandb does not know is refused at launch; one set by a job's setup only costs wandb
+            mode = wandb_mode(wandb_cfg.mode)
+        except ConfigError as e:
+            self._give_up("wandb", e)
+            return None
         if mode is None:
             return None
         # wandb's own terminal lines ("Loaded credentials ...") would come on top of the one this class writes
