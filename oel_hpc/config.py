@@ -8,6 +8,7 @@ costs nothing. A job re-applies the schema when it reads its run's config.yaml (
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, is_dataclass
@@ -137,6 +138,10 @@ class RunConfig:
     name: str = "tiny-frozenlake"
     root: str = "runs"
     overwrite: bool = False  # a finished stage whose config changed is redone instead of refused
+    # shared project folders (docs/run-directory.md#permissions): the umask every process of the run writes with
+    # ("0002": group-writable; null: the launching shell's), and a group the run directory is given (setgid)
+    umask: Optional[str] = None
+    group: Optional[str] = None
 
 
 @dataclass
@@ -343,8 +348,10 @@ class LaunchConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.auto  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    # auto: WANDB_MODE if set, else offline (oel_hpc/tracking.py) | online | offline | disabled
+    mode: WandbMode = WandbMode.auto
     project: str = "oel_hpc"
+    init_timeout_s: float = 30.0  # a wandb.init that takes longer fails; the stage goes on without wandb
 
 
 @dataclass
@@ -444,6 +451,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("run.name", f"'{cfg.run.name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
     if cfg.env.name not in GAMES:
         raise ConfigError("env.name", f"unknown game '{cfg.env.name}' (choose from: {', '.join(GAMES)})")
+    validate_sharing_and_tracking(cfg)
     validate_env(cfg)
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
         validate_cluster(cfg)
@@ -500,6 +508,21 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
                 from oel_hpc.prompts import check_context
 
                 check_context(cfg, model_config["max_position_embeddings"])
+
+
+def validate_sharing_and_tracking(cfg: DictConfig) -> None:
+    """run.umask, run.group, wandb.*: where results go and who may read them."""
+    from oel_hpc.rundir import group_id, parse_umask
+    from oel_hpc.tracking import wandb_mode
+
+    if cfg.run.umask is not None:
+        parse_umask(cfg.run.umask)
+    if cfg.run.group is not None:
+        group_id(cfg.run.group)
+    wandb_mode(cfg.wandb.mode)  # a WANDB_MODE wandb would refuse
+    timeout = cfg.wandb.init_timeout_s
+    if not (math.isfinite(timeout) and 0 < timeout <= 3600):
+        raise ConfigError("wandb.init_timeout_s", f"must be in (0, 3600] seconds, got {timeout}")
 
 
 def validate_env(cfg: DictConfig) -> None:

@@ -44,11 +44,12 @@ STAGE_KEYS = {
 }
 
 # What stages may read that no stage hash covers, on purpose: model.* enters every hash through the model hash
-# (model.path, dtype, thinking; model.name and model.build are labels); run.* says where the run lives and whether a
-# changed stage may be redone (consolidation also names its wandb run after run.name); cluster.* and launch.* say
-# where and how jobs run, not what they compute (cluster.requeue: what a preempted job does next); wandb.* is where
-# metrics are also sent; experiment is the recipe's name; pipeline.rounds adds or drops rounds after the ones that
-# are there, leaving those as they are.
+# (model.path, dtype, thinking; model.name and model.build are labels); run.* says where the run lives, whether a
+# changed stage may be redone and who may read its files (run.umask, run.group: modes, not contents; consolidation
+# also names its wandb run after run.name); cluster.* and launch.* say where and how jobs run, not what they compute
+# (cluster.requeue: what a preempted job does next); wandb.* is where metrics are also sent, and how long to wait
+# for it; experiment is the recipe's name; pipeline.rounds adds or drops rounds after the ones that are there,
+# leaving those as they are.
 UNHASHED_KEYS = ("model", "run", "cluster", "launch", "wandb", "experiment", "pipeline.rounds")
 
 

@@ -28,7 +28,7 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     from oel_hpc.config import load_run_config
     from oel_hpc.lifecycle import execute
     from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import RunPaths
+    from oel_hpc.rundir import RunPaths, apply_umask
     from oel_hpc.runlock import job_lock
     from oel_hpc.stages.common import StageContext
 
@@ -36,6 +36,7 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     if not paths.config.is_file():
         raise MissingInput(paths.config, f"{paths.config} does not exist")
     cfg = load_run_config(paths.config)
+    apply_umask(cfg.run.umask)  # sbatch passes the launcher's on; a worker started by hand or torchrun has the shell's
     nodes = {n.id: n for n in build_dag(cfg)}
     if stage_id not in nodes:
         raise ConfigError(stage_id, f"no such stage in {paths.config} (stages: {', '.join(nodes)})")

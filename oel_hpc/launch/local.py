@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from oel_hpc.lifecycle import execute
 from oel_hpc.pipeline import Manifest, Node, now, plan
-from oel_hpc.rundir import RunPaths, write_text_atomic
+from oel_hpc.rundir import RunPaths, share_run_dir, write_text_atomic
 from oel_hpc.runlock import launcher_lock
 from oel_hpc.stages.common import StageContext
 
@@ -17,6 +17,7 @@ def run_local(cfg, paths: RunPaths, nodes: list[Node], run_hash: str) -> int:
     run meanwhile); returns how many tasks ran (0: nothing to do, and nothing is written, not even the lock)."""
     if not plan(paths, nodes, cfg.run.overwrite):
         return 0
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)  # creates it, under run.umask and run.group
     with launcher_lock(paths.root, "local launcher", exclude_jobs=True):
         return _run_pending(cfg, paths, nodes, run_hash)  # planned again: another writer may have finished some
 
@@ -25,7 +26,6 @@ def _run_pending(cfg, paths: RunPaths, nodes: list[Node], run_hash: str) -> int:
     todo = plan(paths, nodes, cfg.run.overwrite)  # a task finished under another config: refused here, or redone
     if not todo:
         return 0
-    paths.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(paths.config, OmegaConf.to_yaml(cfg, resolve=True))
     manifest = Manifest.open(paths, cfg.run.name, run_hash, nodes)
     ctx = StageContext(cfg, paths, {n.id: n.hash for n in nodes})

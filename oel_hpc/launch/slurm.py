@@ -27,7 +27,7 @@ from oel_hpc.errors import SlurmError, StageConflict
 from oel_hpc.launch import render
 from oel_hpc.log import get_logger
 from oel_hpc.pipeline import Manifest, Node, clear_outputs, now, plan, task_state
-from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
+from oel_hpc.rundir import RunPaths, dir_mode, read_done, share_run_dir, write_text_atomic
 from oel_hpc.runlock import launcher_lock
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
@@ -65,7 +65,7 @@ def write_scripts(files: dict[str, str], folder: Path) -> None:
         if not path.is_file() or path.read_text() != text:
             write_text_atomic(path, text)
             if name.endswith(".sh"):
-                path.chmod(0o755)
+                path.chmod(dir_mode())  # executable: rwx where a folder would be
 
 
 def run_config_yaml(cfg: DictConfig) -> str:
@@ -86,6 +86,7 @@ def render_only(cfg: DictConfig, paths: RunPaths, nodes: list[Node]) -> Path:
         return folder
     plan(paths, nodes, cfg.run.overwrite)  # a config that conflicts with the run's DONE stages is an error
     files = render.render_run(cfg, paths.root, nodes, in_run_dir=True)
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)
     with launcher_lock(paths.root, "render only"):  # not while another command writes the run's config.yaml
         write_scripts(files, paths.root / "slurm")
         write_scripts({"config.yaml": run_config_yaml(cfg)}, paths.root)
@@ -108,6 +109,7 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
     submitter or a local run of it is refused; its jobs are not); returns what was submitted and left alone."""
     if not plan(paths, nodes, cfg.run.overwrite):
         return SubmitReport(paths.root)  # nothing to do: nothing written, not even the lock
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)  # before the lock files: they inherit the group
     with launcher_lock(paths.root, "Slurm launcher"):
         return _submit(cfg, paths, nodes, run_hash, slurm or Slurm())
 
@@ -196,7 +198,7 @@ def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: 
                      or (n.id in old and old[n.id].get("hash") != n.hash))
             if stale:  # leftovers of another config must not be resumed
                 clear_outputs(paths, n, task)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)  # sbatch passes the umask on to the jobs
     write_text_atomic(paths.config, run_config_yaml(cfg))
     write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
     (paths.root / "logs").mkdir(exist_ok=True)

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from oel_hpc.log import get_logger
-from oel_hpc.rundir import replace_dir_atomic, write_json_atomic, write_text_atomic
+from oel_hpc.rundir import default_modes, make_temp_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
 
 META = "meta.json"
 log = get_logger(__name__)
@@ -150,9 +149,10 @@ def export_hf(model, tokenizer, out_dir: Path, state_dict: Optional[dict] = None
     if (out_dir / "config.json").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    default_modes(tmp)
     try:
         os.rename(tmp, out_dir)
     except OSError:
