@@ -171,12 +171,13 @@ def test_an_unknown_group_or_one_the_user_is_not_in_is_refused():
 def test_the_slurm_launcher_writes_under_the_run_umask_and_group(tmp_path, umask):
     """What it writes before any job starts (config.yaml, scripts, logs/); sbatch then passes the umask on."""
     from oel_hpc.launch import slurm
+    from oel_hpc.launch.guard import check_run_dir
     from oel_hpc.pipeline import build_dag
 
     group = grp.getgrgid(os.getegid()).gr_name
     cfg = compose(["cluster=local_slurm", f"run.root={tmp_path}", "run.umask=0002", f"run.group={group}",
                    "launch.render_only=true", "wandb.mode=disabled"])
-    paths = slurm.check_run_dir(cfg)
+    paths = check_run_dir(cfg)
     slurm.render_only(cfg, paths, build_dag(cfg))
     assert rundir.current_umask() == 0o002 and paths.root.stat().st_mode & stat.S_ISGID
     assert mode(paths.config) == 0o664 and mode(paths.root / "logs") & 0o777 == 0o775
