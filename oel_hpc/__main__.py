@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc import log
-from oel_hpc.config import CONF_DIR, GROUPS, config_error, validate
+from oel_hpc.config import CONF_DIR, GROUPS, check_schema, config_error, validate
 from oel_hpc.errors import ConfigError, exit_on_error
 
 PROG = "oel_hpc"
@@ -232,6 +232,9 @@ _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--s
 
 
 def main() -> None:
+    # Hydra's parser takes -m only before the first override; anywhere on the line is what users type
+    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags[:1] + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     with exit_on_error(PROG):
         _main(sys.argv[1:])
 
@@ -270,6 +273,8 @@ def _main(argv: list[str]) -> None:
                               "command; run it once per value, each with its own run.name") from None
         raise ConfigError("overrides", message) from None
     if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
+        if show is None:
+            check_schema(cfg)  # before Hydra's multirun (-m) makes its sweep folder
         hydra_main()
         return
     sys.exit(slurm_main(cfg, show, resolve))

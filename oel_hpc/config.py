@@ -736,8 +736,13 @@ def unknown_key(key: str) -> ConfigError:
 def check_schema(cfg: DictConfig) -> None:
     """What types alone do not refuse: a key the schema lacks (Hydra's `+key=...` adds one), a number that is not
     finite or out of its range, a run name too long for a folder."""
+    numbers: list[tuple[str, DictConfig, str, Optional[Range]]] = []
+    _walk(cfg, OELConfig, "", numbers)
+    # a value taken from another key (deploy.steps: ${consolidate.steps}) is refused under that key's name first
+    numbers.sort(key=lambda n: OmegaConf.is_interpolation(n[1], n[2]))
     try:
-        _walk(cfg, OELConfig, "")
+        for key, node, name, allowed in numbers:
+            _check_number(key, node[name], allowed)
     except OmegaConfBaseException as e:  # an interpolation that does not resolve (deploy.steps=${nope})
         raise config_error(e) or ConfigError("config", str(e).split("\n")[0]) from None
     name = cfg.run.name
@@ -747,7 +752,8 @@ def check_schema(cfg: DictConfig) -> None:
         raise ConfigError("run.name", f"{len(name)} characters; at most {RUN_NAME_MAX} (it names a folder)")
 
 
-def _walk(node: DictConfig, section: type, prefix: str) -> None:
+def _walk(node: DictConfig, section: type, prefix: str, numbers: list) -> None:
+    """Refuse a key `section` does not have; list every number field below `node` with its range."""
     hints = get_type_hints(section)
     for key in node.keys():
         if key not in hints:
@@ -758,13 +764,13 @@ def _walk(node: DictConfig, section: type, prefix: str) -> None:
             continue
         kind, inner = _number_kind(hint), _section_type(hint)
         if kind is not None:
-            _check_number(key, node[name], RANGES.get((section, name)))
-        elif inner is not None and node[name] is not None:
+            numbers.append((key, node, name, RANGES.get((section, name))))
+        elif inner is not None and not OmegaConf.is_interpolation(node, name) and node[name] is not None:
             if get_origin(hint) is dict:
                 for sub in node[name].keys():
-                    _walk(node[name][sub], inner, f"{key}.{sub}.")
+                    _walk(node[name][sub], inner, f"{key}.{sub}.", numbers)
             else:
-                _walk(node[name], inner, f"{key}.")
+                _walk(node[name], inner, f"{key}.", numbers)
 
 
 def _check_number(key: str, value, allowed: Optional[Range]) -> None:
