@@ -639,7 +639,8 @@ class Range:
         return above and (self.hi is None or v <= self.hi)
 
     def __str__(self) -> str:
-        span = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]" if self.hi is not None else f">= {self.lo:g}"
+        lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.lo, self.hi))
+        span = f"{'(' if self.lo_open else '['}{lo}, {hi}]" if self.hi is not None else f">= {lo}"
         return f"0 ({self.zero}) or in {span}" if self.zero else (f"in {span}" if self.hi is not None else span)
 
 
