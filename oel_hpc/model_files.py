@@ -52,14 +52,16 @@ def check_model_dir(folder: Path, key: str = "model.path", local: bool = True) -
     for name in _JSON_FILES:
         if (folder / name).is_file():
             read_json(folder / name, key)
-    if local and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
+    if local and not has_tokenizer:
         raise ConfigError(key, f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-    _check_weights(folder, key)
+    _check_weights(folder, key, every_shard=local)
     return config
 
 
-def _check_weights(folder: Path, key: str) -> None:
-    """Every safetensors file present (and every shard an index names) is as long as its header says."""
+def _check_weights(folder: Path, key: str, every_shard: bool) -> None:
+    """Every safetensors file present is as long as its header says; with `every_shard`, every shard an index
+    names is present."""
     index = folder / "model.safetensors.index.json"
     files = sorted(folder.glob("*.safetensors"))
     if index.is_file():
@@ -68,7 +70,7 @@ def _check_weights(folder: Path, key: str) -> None:
         if not isinstance(weight_map, dict):
             raise ConfigError(key, f"{index} has no weight_map")
         for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
+            if every_shard and not (folder / shard).is_file():
                 raise ConfigError(key, f"{folder / shard} (named in {index.name}) does not exist")
     for path in files:
         _check_safetensors(path, key)

@@ -242,6 +242,16 @@ def test_a_missing_shard_is_named(model):
         check_model_dir(model)
 
 
+def test_a_hub_cache_folder_may_still_lack_files(model):
+    """A hub id's cached snapshot fetches what it lacks at load time: only the files present are checked."""
+    (model / "tokenizer.json").unlink()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-2.safetensors"}}))
+    check_model_dir(model, local=False)
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="has no model_type"):
+        check_model_dir(model, local=False)
+
+
 def test_safetensors_size_check_reads_the_real_header(model):
     """The size the header describes is the file's size exactly (no slack the check would miss)."""
     data = (model / "model.safetensors").read_bytes()
