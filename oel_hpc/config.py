@@ -645,11 +645,12 @@ class Range:
 
 
 _SIZE = Range(1, 1_000_000)
-_TEMPERATURE = Range(1e-4, 100)  # logits / T: far below 1e-4 overflows float32, far above is uniform noise
+# logits / T: below 1e-4 sampling is greedy in all but name (and T -> 0 overflows), above 100 it is uniform noise
+_TEMPERATURE = Range(1e-4, 100)
 # Every int and float field of the schema, by (section class, field); tests/test_config_guard.py checks none is
 # missing, so a new number key must say its range here. docs/configuration.md lists them.
 RANGES: dict[tuple[type, str], Range] = {
-    (SamplingConfig, "temperature"): Range(1e-4, 100, zero="greedy"),
+    (SamplingConfig, "temperature"): Range(_TEMPERATURE.lo, _TEMPERATURE.hi, zero="greedy"),
     (SamplingConfig, "top_p"): Range(0, 1, lo_open=True),
     (SamplingConfig, "top_k"): Range(0, 1_000_000),  # 0 = no top-k filter
     (SamplingConfig, "max_new_tokens"): _SIZE,
