@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc import log
-from oel_hpc.config import CONF_DIR, GROUPS, config_error, validate
+from oel_hpc.config import CONF_DIR, GROUPS, check_schema, config_error, validate
 from oel_hpc.errors import ConfigError, exit_on_error
 
 PROG = "oel_hpc"
@@ -220,12 +220,26 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     return 0
 
 
+def one_line(exc: BaseException) -> str:
+    """Hydra's several-line message (what went wrong, then hints, the key again, where to read more) in one line."""
+    lines = []
+    while exc is not None:
+        for line in str(exc).splitlines():
+            if line.strip() and not line[:1].isspace() and not line.startswith(("See https://", "Set the environment")):
+                lines.append(line.strip())
+        exc = exc.__cause__
+    return "; ".join(dict.fromkeys(lines)) or "could not compose the config"
+
+
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc",
                "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--package", "-p",
                "--run", "-r", "--experimental-rerun")
 
 
 def main() -> None:
+    # Hydra's parser takes -m only before the first override; anywhere on the line is what users type
+    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags[:1] + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     with exit_on_error(PROG):
         _main(sys.argv[1:])
 
@@ -251,18 +265,21 @@ def _main(argv: list[str]) -> None:
     try:
         cfg = compose_config(rest)
     except (HydraException, OmegaConfBaseException) as e:
-        bad_value = config_error(e)  # a value the schema refuses (not of its type, not one of its set)
+        bad_value = config_error(e)  # a key or value the schema refuses (unknown, not of its type or set)
         if bad_value is not None:
             raise bad_value from None
-        if not wants_slurm:
-            hydra_main()  # a sweep, or an error Hydra reports in its own words
+        message = one_line(e)
+        sweep = "--multirun" in message  # Hydra's hint for a sweep value (key=a,b)
+        if sweep and not wants_slurm and any(a in ("-m", "--multirun") for a in argv):
+            hydra_main()  # Hydra's launcher runs one job per value, each validated as it starts
             return
-        message = str(e).strip()
-        if "--multirun" in message:  # Hydra's hint for a sweep value (key=a,b)
-            raise ConfigError("overrides", f"{message.splitlines()[0]}: Slurm launching takes one run per "
+        if sweep and wants_slurm:
+            raise ConfigError("overrides", f"{message.split('; ')[0]}: Slurm launching takes one run per "
                               "command; run it once per value, each with its own run.name") from None
-        raise ConfigError("overrides", message.splitlines()[0]) from None
+        raise ConfigError("overrides", message) from None
     if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
+        if show is None:
+            check_schema(cfg)  # before Hydra's multirun (-m) makes its sweep folder
         hydra_main()
         return
     sys.exit(slurm_main(cfg, show, resolve))
