@@ -117,6 +117,11 @@ class ContainerRuntime(Choice):
     pyxis = "pyxis"
 
 
+class Verify(Choice):
+    cheap = "cheap"
+    full = "full"
+
+
 class WandbMode(Choice):
     auto = "auto"
     online = "online"
@@ -137,6 +142,9 @@ class RunConfig:
     name: str = "tiny-frozenlake"
     root: str = "runs"
     overwrite: bool = False  # a finished stage whose config changed is redone instead of refused
+    # how finished outputs are checked against their DONE markers before they count as done or are read
+    # (oel_hpc/verify.py): cheap = size, mtime, and sha256 of small or touched files | full = sha256 of every file
+    verify: Verify = Verify.cheap
 
 
 @dataclass

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from oel_hpc.errors import SlurmError, StageConflict
 from oel_hpc.launch import render
 from oel_hpc.log import get_logger
-from oel_hpc.pipeline import Manifest, Node, clear_outputs, now, plan, task_state
+from oel_hpc.pipeline import Manifest, Node, clear_for_redo, clear_outputs, now, plan, survey, task_state
 from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
@@ -92,7 +92,7 @@ def render_only(cfg: DictConfig, paths: RunPaths, nodes: list[Node]) -> Path:
         files["config.yaml"] = run_config_yaml(cfg)
         write_scripts(files, folder)
         return folder
-    plan(paths, nodes, cfg.run.overwrite)  # a config that conflicts with the run's DONE stages is an error
+    plan(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full")  # a conflicting config is an error here
     write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
     write_scripts({"config.yaml": run_config_yaml(cfg)}, paths.root)
     (paths.root / "logs").mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,8 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
     """Submit what is neither DONE nor queued/running; returns what was submitted and what was left alone."""
     slurm = slurm or Slurm()
     report = SubmitReport(paths.root)
-    todo = {node.id: tasks for node, tasks in plan(paths, nodes, cfg.run.overwrite)}
+    found = survey(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full")  # damaged tasks are resubmitted
+    todo = {node.id: tasks for node, tasks in found.todo}
     if not todo:
         return report
     old = _old_manifest(paths)
@@ -125,7 +126,7 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
     if choice.cancel:
         slurm.cancel(choice.cancel)
         report.cancelled = choice.cancel
-    manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash)
+    manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash, found.redo)
     _submit_in_dag_order(slurm, paths, nodes, choice, manifest, report)
     return report
 
@@ -184,11 +185,15 @@ def _choose(nodes: list[Node], todo: dict[str, list[Optional[int]]], live: dict[
 
 
 def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: dict, to_submit: dict,
-                     old: dict[str, dict], run_hash: str) -> Manifest:
-    """Clear what another config left in the tasks about to run, then write the config the jobs read, the scripts
-    they run, the folder their logs go to, and the manifest (stages already done marked so)."""
+                     old: dict[str, dict], run_hash: str, redo: dict) -> Manifest:
+    """Clear what another config left in the tasks about to run, and damaged tasks (with what depends on them:
+    `redo`), then write the config the jobs read, the scripts they run, the folder their logs go to, and the
+    manifest (stages already done marked so)."""
     for n in nodes:
         for task in to_submit.get(n.id, []):
+            if (n.id, task) in redo:
+                clear_for_redo(paths, n, task, redo[(n.id, task)])
+                continue
             begun = read_done(paths.started(n.round, n.stage, task))
             stale = (task_state(paths, n, task) == "changed"
                      or (begun is not None and begun.get("config_hash") != n.hash)
