@@ -18,9 +18,12 @@ from omegaconf import OmegaConf
 
 from oel_hpc import errors, status, verify
 from oel_hpc.experience import load_experience_list
+from oel_hpc.launch.slurm import submit
 from oel_hpc.pipeline import build_dag, survey
 from oel_hpc.rundir import RunPaths, read_done, read_jsonl
-from tests.conftest import ROOT
+from oel_hpc.slurm import Slurm
+from tests.conftest import ROOT, compose
+from tests.test_slurm_module import bin_dir, fake, quick  # noqa: F401 (bin_dir: a fixture)
 
 RUN = "tiny-frozenlake"
 MODEL = "round_1/consolidate/hf/model.safetensors"
@@ -268,3 +271,33 @@ def test_touched_files_still_count_as_done(copy):
     assert out.returncode == 0 and "Nothing to do" in out.stdout, out.stderr[-3000:]
     assert {p: p.read_bytes() for p in markers} == markers
     assert status.collect(copy.root)["all_done"]
+
+
+def test_a_job_redoes_its_own_damaged_task(finished, copy):
+    """The worker finds its task done but damaged (an evaluation result: small, always hashed): it redoes it."""
+    result = copy.eval_result(1, 2)
+    text = result.read_text()
+    assert '"games": 16' in text
+    result.write_text(text.replace('"games": 16', '"games": 61'))  # the same size
+    job = run_module("oel_hpc.worker", copy.root, "r1/evaluate", "--task", 2)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert ("WARNING: r1/evaluate (step 2) is damaged: round_1/eval/step_2.json differs from the sha256 its DONE "
+            "marker records; redoing it") in job.stderr
+    assert result.read_text() == RunPaths(finished).eval_result(1, 2).read_text()
+
+
+def test_the_slurm_launcher_resubmits_a_damaged_task_and_what_depends_on_it(copy, bin_dir):  # noqa: F811
+    sbatch = fake(bin_dir, "sbatch", "echo $((99 + CALLS))")
+    fake(bin_dir, "squeue", "true")
+    step = copy.deploy_step(1, 1)
+    step.write_text("".join(step.read_text().splitlines(keepends=True)[:3]))
+    cfg = compose(["cluster=local_slurm", f"run.root={copy.root.parent}", "wandb.mode=disabled"])
+    nodes = build_dag(cfg)
+    report = submit(cfg, copy, nodes, "run-hash", Slurm(quick()))
+    assert [(s.node.id, s.tasks) for s in report.submitted] == [
+        ("r1/deploy", [None]), ("r1/consolidate", [None]), ("r1/evaluate", [0, 2])]
+    assert len(sbatch.read_text().splitlines()) == 3
+    for cleared in (copy.done(1, "deploy"), step, copy.done(1, "consolidate"), copy.hf(1),
+                    copy.done(1, "evaluate", 0), copy.eval_result(1, 2)):
+        assert not cleared.exists(), cleared  # a job finds them not done, and runs
+    assert copy.done(1, "gather").is_file() and copy.done(1, "extract", 1).is_file()
