@@ -31,7 +31,7 @@ from oel_hpc.pipeline import (Node, build_dag, clear_outputs, conflict_message, 
                               reads)
 from oel_hpc.verify import summary
 from oel_hpc.ranks import detect_env
-from oel_hpc.rundir import RunPaths, mark_done, read_done, write_json_atomic
+from oel_hpc.rundir import RunPaths, mark_done, read_started, write_json_atomic
 from oel_hpc.stages import run_task
 
 logger = log.get_logger(__name__)
@@ -59,7 +59,7 @@ def execute(ctx, node: Node, task: Optional[int], *, redo_changed: bool = False)
     log.set_context(stage=name)
     try:
         if main:
-            begun = read_done(marker)
+            begun = read_started(marker)
             if state == "damaged":
                 logger.warning(f"{name} is damaged: {summary(damage)}; redoing it")
                 clear_outputs(paths, node, task)

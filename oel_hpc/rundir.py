@@ -180,7 +180,7 @@ class RunPaths:
 
 
 def read_done(path: Path) -> Optional[dict]:
-    """A DONE (or `.started`) marker; None when there is none. One that cannot be read is DamagedInput."""
+    """A DONE marker; None when there is none. One that cannot be read is DamagedInput."""
     if not path.is_file():
         return None
     done = read_json(path)
@@ -188,6 +188,15 @@ def read_done(path: Path) -> Optional[dict]:
             done.get("outputs", {}), dict):
         raise DamagedInput(path, f"{path} is not a marker (no config_hash, or outputs not a record of files)")
     return done
+
+
+def read_started(path: Path) -> Optional[dict]:
+    """A `.started` marker; None when there is none. One that cannot be read names no config (`config_hash` None):
+    the outputs of that attempt are not resumed."""
+    try:
+        return read_done(path)
+    except DamagedInput:
+        return {"config_hash": None}
 
 
 # How stage hashes are made (pipeline.STAGE_KEYS): 2 = each stage hashes exactly the keys it reads. A DONE marker

@@ -7,7 +7,6 @@ Files are checked by hand first; then one real tiny run (the committed tiny mode
 are damaged. Copies keep mtimes (shutil.copytree copies them), as `cp -a` does.
 """
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from oel_hpc import errors, status, verify
 from oel_hpc.experience import load_experience_list
 from oel_hpc.launch.slurm import submit
 from oel_hpc.pipeline import build_dag, survey
-from oel_hpc.rundir import RunPaths, read_done, read_jsonl
+from oel_hpc.rundir import RunPaths, read_done, read_jsonl, read_started
 from oel_hpc.slurm import Slurm
 from tests.conftest import ROOT, compose
 from tests.test_slurm_module import bin_dir, fake, quick  # noqa: F401 (bin_dir: a fixture)
@@ -129,6 +128,7 @@ def test_unreadable_files_are_named_in_one_line(tmp_path):
     done.write_text('{"config_hash": "abc", "outp')
     with pytest.raises(errors.DamagedInput, match=f"^{done} is not JSON"):
         read_done(done)
+    assert read_started(done) == {"config_hash": None}  # an attempt under no known config: not resumed from
     listing = tmp_path / "experience_list.json"
     listing.write_text('[{"seed": 0, "step": 3, "path": "a.t')
     with pytest.raises(errors.DamagedInput, match=f"^experience list {listing} is not JSON"):

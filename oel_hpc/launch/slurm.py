@@ -27,7 +27,7 @@ from oel_hpc.errors import SlurmError, StageConflict
 from oel_hpc.launch import render
 from oel_hpc.log import get_logger
 from oel_hpc.pipeline import Manifest, Node, clear_for_redo, clear_outputs, now, plan, survey, task_state
-from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
+from oel_hpc.rundir import RunPaths, read_started, write_text_atomic
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
 log = get_logger(__name__)
@@ -194,7 +194,7 @@ def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: 
             if (n.id, task) in redo:
                 clear_for_redo(paths, n, task, redo[(n.id, task)])
                 continue
-            begun = read_done(paths.started(n.round, n.stage, task))
+            begun = read_started(paths.started(n.round, n.stage, task))
             stale = (task_state(paths, n, task) == "changed"
                      or (begun is not None and begun.get("config_hash") != n.hash)
                      or (n.id in old and old[n.id].get("hash") != n.hash))
