@@ -29,10 +29,10 @@ from oel_hpc import log
 from oel_hpc.errors import DamagedInput, MissingInput, StageConflict
 from oel_hpc.pipeline import (Node, build_dag, clear_outputs, conflict_message, describe, inspect_task, now,
                               reads)
-from oel_hpc.verify import summary
 from oel_hpc.ranks import detect_env
 from oel_hpc.rundir import RunPaths, mark_done, read_started, write_json_atomic
 from oel_hpc.stages import run_task
+from oel_hpc.verify import summary
 
 logger = log.get_logger(__name__)
 

@@ -206,7 +206,6 @@ def survey(paths: RunPaths, nodes: list[Node], overwrite: bool, full: bool = Fal
             elif state == "done" and upstream is not None:
                 plan_.redo[(node.id, task)] = (f"{describe(node, task)} depends on {redone[upstream]}, which is "
                                                "damaged")
-                redone.setdefault(node.id, redone[upstream])
             if state != "done" or upstream is not None:
                 tasks.append(task)
         if upstream is not None:
