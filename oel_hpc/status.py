@@ -392,7 +392,7 @@ def main(argv=None) -> int:
     tty = sys.stdout.isatty()
     try:
         while True:
-            report = collect(args.run_dir, verify=args.verify)  # bad input raises a ConfigError: one line, exit 2 (errors.py)
+            report = collect(args.run_dir, verify=args.verify)  # bad input: a ConfigError, one line, exit 2
             if args.json:
                 text = json.dumps(report, indent=None if args.watch else 2)
             else:
