@@ -119,6 +119,11 @@ class ContainerRuntime(Choice):
     pyxis = "pyxis"
 
 
+class Verify(Choice):
+    cheap = "cheap"
+    full = "full"
+
+
 class WandbMode(Choice):
     auto = "auto"
     online = "online"
@@ -143,6 +148,9 @@ class RunConfig:
     # ("0002": group-writable; null: the launching shell's), and a group the run directory is given (setgid)
     umask: Optional[str] = None
     group: Optional[str] = None
+    # how finished outputs are checked against their DONE markers before they count as done or are read
+    # (oel_hpc/verify.py): cheap = size, mtime, and sha256 of small or touched files | full = sha256 of every file
+    verify: Verify = Verify.cheap
 
 
 @dataclass

@@ -73,6 +73,15 @@ class RunInUse(ConfigError):
         self.key = key
 
 
+class DamagedInput(ConfigError):
+    """A file a finished task wrote does not match its DONE marker, or cannot be read (cut short, not JSON): it is
+    never used. A launcher redoes the task that wrote it; a task that reads it stops."""
+
+    def __init__(self, path, message: str):
+        OelError.__init__(self, message)
+        self.key = str(path)
+
+
 class SlurmError(OelError):
     """A Slurm command failed or refused a job (its message names the command and Slurm's answer). Exit 2: what
     Slurm refuses is the submission's input (partition, account, limits), and nothing was left running."""

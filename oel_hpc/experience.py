@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from oel_hpc.errors import ConfigError, MissingInput
+from oel_hpc.errors import ConfigError, DamagedInput, MissingInput
 
 THINK_END = "</think>"
 MODES = ("items", "free_text")
@@ -145,12 +145,20 @@ def load_experience_list(list_file: Path, run_dir: Path) -> tuple[list[Experienc
     """Entries and their texts; a missing list, a missing or altered file, or an empty list is an error."""
     if not list_file.is_file():
         raise MissingInput(list_file, f"experience list {list_file} does not exist (has the gather stage run?)")
-    rows = json.loads(list_file.read_text())
+    try:
+        rows = json.loads(list_file.read_text())
+    except ValueError as e:
+        raise DamagedInput(list_file, f"experience list {list_file} is not JSON ({e}): it is damaged or cut "
+                                      "short; the gather stage that wrote it must be redone") from None
     if not rows:
         raise ConfigError(str(list_file), "the experience list has no entries")
     entries, texts = [], []
-    for row in rows:
-        entry = ExperienceEntry(**row)
+    for row in rows if isinstance(rows, list) else [rows]:
+        try:
+            entry = ExperienceEntry(**row)
+        except TypeError:  # not a dict, or not its fields
+            raise DamagedInput(list_file, f"experience list {list_file} holds an entry that is not "
+                                          f"{{seed, step, path, sha256, tokens}}: {str(row)[:80]}") from None
         path = run_dir / entry.path
         if not path.is_file():
             raise MissingInput(path, f"experience file {path} (listed in {list_file}) does not exist")

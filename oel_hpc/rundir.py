@@ -1,9 +1,10 @@
 """The run directory (docs/run-directory.md): where every file lives, atomic writes, and DONE markers.
 
 Every write goes to a temporary file in the same folder and is renamed into place, so a crash or a preempted
-job never leaves a half-written file behind. A DONE marker holds the stage's config hash and the sha256 of what
-it wrote; its presence is what "finished" means. Files and folders get the modes the umask gives (run.umask, and
-run.group for a shared project folder), as if created with open() and mkdir().
+job never leaves a half-written file behind. A DONE marker holds the stage's config hash and a record of each file
+it wrote (size, mtime, sha256, JSONL rows); it means "finished" while those files match it (oel_hpc/verify.py).
+Files and folders get the modes the umask gives (run.umask, and run.group for a shared project folder), as if
+created with open() and mkdir().
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from oel_hpc.errors import ConfigError
+from oel_hpc.errors import ConfigError, DamagedInput
+from oel_hpc.verify import OUTPUTS_SCHEME, record
 
 # ---------------------------------------------------------------------------------------------------------------
 # Modes. mkstemp and mkdtemp make 0600 files and 0700 folders whatever the umask, which would hide a run's results
@@ -165,7 +167,28 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a JSONL file; a line that is not JSON (a file cut mid-row, damaged) is an error naming the file."""
+    rows = []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise DamagedInput(path, f"{path} is not text ({e.reason} at byte {e.start}): the file is damaged") from None
+    for n, line in enumerate(text.split("\n"), 1):  # "\n" only: what verify counts as rows
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise DamagedInput(path, f"{path} line {n} is not JSON ({e}): the file is damaged or cut "
+                                         "short") from None
+    return rows
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file another task wrote; one that does not parse is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DamagedInput(path, f"{path} is not JSON ({e}): the file is damaged or cut short") from None
 
 
 def replace_dir_atomic(tmp_dir: Path, final_dir: Path) -> None:
@@ -277,7 +300,23 @@ class RunPaths:
 
 
 def read_done(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A DONE marker; None when there is none. One that cannot be read is DamagedInput."""
+    if not path.is_file():
+        return None
+    done = read_json(path)
+    if not isinstance(done, dict) or not isinstance(done.get("config_hash"), str) or not isinstance(
+            done.get("outputs", {}), dict):
+        raise DamagedInput(path, f"{path} is not a marker (no config_hash, or outputs not a record of files)")
+    return done
+
+
+def read_started(path: Path) -> Optional[dict]:
+    """A `.started` marker; None when there is none. One that cannot be read names no config (`config_hash` None):
+    the outputs of that attempt are not resumed."""
+    try:
+        return read_done(path)
+    except DamagedInput:
+        return {"config_hash": None}
 
 
 # How stage hashes are made (pipeline.STAGE_KEYS): 2 = each stage hashes exactly the keys it reads. A DONE marker
@@ -286,9 +325,12 @@ HASH_SCHEME = 2
 
 
 def mark_done(paths: RunPaths, done_path: Path, stage_hash: str, outputs: Iterable[Path]) -> None:
+    """`outputs_scheme` (verify.OUTPUTS_SCHEME) says how each output is recorded; a marker without it records a
+    sha256 per file and nothing else."""
     write_json_atomic(done_path, {
         "config_hash": stage_hash,
         "hash_scheme": HASH_SCHEME,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "outputs": {paths.rel(p): sha256_file(p) for p in sorted(outputs)},
+        "outputs_scheme": OUTPUTS_SCHEME,
+        "outputs": {paths.rel(p): record(p) for p in sorted(outputs)},
     })

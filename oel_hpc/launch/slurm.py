@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from oel_hpc.errors import SlurmError, StageConflict
 from oel_hpc.launch import render
 from oel_hpc.log import get_logger
-from oel_hpc.pipeline import Manifest, Node, clear_outputs, now, plan, task_state
-from oel_hpc.rundir import RunPaths, dir_mode, read_done, share_run_dir, write_text_atomic
+from oel_hpc.pipeline import Manifest, Node, clear_for_redo, clear_outputs, now, plan, survey, task_state
+from oel_hpc.rundir import RunPaths, dir_mode, read_started, share_run_dir, write_text_atomic
 from oel_hpc.runlock import launcher_lock
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
@@ -84,7 +84,7 @@ def render_only(cfg: DictConfig, paths: RunPaths, nodes: list[Node]) -> Path:
         files["config.yaml"] = run_config_yaml(cfg)
         write_scripts(files, folder)
         return folder
-    plan(paths, nodes, cfg.run.overwrite)  # a config that conflicts with the run's DONE stages is an error
+    plan(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full")  # a conflicting config is an error here
     files = render.render_run(cfg, paths.root, nodes, in_run_dir=True)
     share_run_dir(paths.root, cfg.run.umask, cfg.run.group)
     with launcher_lock(paths.root, "render only"):  # not while another command writes the run's config.yaml
@@ -107,7 +107,7 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
            slurm: Optional[Slurm] = None) -> SubmitReport:
     """Submit what is neither DONE nor queued/running, holding the run's launcher lock (oel_hpc/runlock.py: a second
     submitter or a local run of it is refused; its jobs are not); returns what was submitted and left alone."""
-    if not plan(paths, nodes, cfg.run.overwrite):
+    if not plan(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full"):
         return SubmitReport(paths.root)  # nothing to do: nothing written, not even the lock
     share_run_dir(paths.root, cfg.run.umask, cfg.run.group)  # before the lock files: they inherit the group
     with launcher_lock(paths.root, "Slurm launcher"):
@@ -116,7 +116,8 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
 
 def _submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str, slurm: Slurm) -> SubmitReport:
     report = SubmitReport(paths.root)
-    todo = {node.id: tasks for node, tasks in plan(paths, nodes, cfg.run.overwrite)}
+    found = survey(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full")  # damaged tasks are resubmitted
+    todo = {node.id: tasks for node, tasks in found.todo}
     if not todo:
         return report
     old = _old_manifest(paths)
@@ -128,7 +129,7 @@ def _submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str, 
     if choice.cancel:
         slurm.cancel(choice.cancel)
         report.cancelled = choice.cancel
-    manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash)
+    manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash, found.redo)
     _submit_in_dag_order(slurm, paths, nodes, choice, manifest, report)
     return report
 
@@ -187,12 +188,16 @@ def _choose(nodes: list[Node], todo: dict[str, list[Optional[int]]], live: dict[
 
 
 def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: dict, to_submit: dict,
-                     old: dict[str, dict], run_hash: str) -> Manifest:
-    """Clear what another config left in the tasks about to run, then write the config the jobs read, the scripts
-    they run, the folder their logs go to, and the manifest (stages already done marked so)."""
+                     old: dict[str, dict], run_hash: str, redo: dict) -> Manifest:
+    """Clear what another config left in the tasks about to run, and damaged tasks (with what depends on them:
+    `redo`), then write the config the jobs read, the scripts they run, the folder their logs go to, and the
+    manifest (stages already done marked so)."""
     for n in nodes:
         for task in to_submit.get(n.id, []):
-            begun = read_done(paths.started(n.round, n.stage, task))
+            if (n.id, task) in redo:
+                clear_for_redo(paths, n, task, redo[(n.id, task)])
+                continue
+            begun = read_started(paths.started(n.round, n.stage, task))
             stale = (task_state(paths, n, task) == "changed"
                      or (begun is not None and begun.get("config_hash") != n.hash)
                      or (n.id in old and old[n.id].get("hash") != n.hash))
