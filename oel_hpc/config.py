@@ -247,6 +247,9 @@ class ConsolidateConfig:
     loss_impl: LossImpl = LossImpl.auto
     micro_batch_tokens: int = 20480
     allow_empty_experience: bool = False
+    # stop the stage (exit 1, nothing exported) after this many updates in a row skipped for a non-finite loss or
+    # gradient norm; 0 = never (a run whose every step is skipped still fails)
+    max_skipped_in_a_row: int = 3
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -458,6 +461,9 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             raise ConfigError(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.consolidate.keep_checkpoints is not None and cfg.consolidate.keep_checkpoints <= 0:
         raise ConfigError("consolidate.keep_checkpoints", "must be positive or null")
+    if cfg.consolidate.max_skipped_in_a_row < 0:
+        raise ConfigError("consolidate.max_skipped_in_a_row", f"must be >= 0 (0 = never stop), got "
+                          f"{cfg.consolidate.max_skipped_in_a_row}")
     loss_impl = cfg.consolidate.loss_impl
     if loss_impl == "fused" and cfg.trainer.device == "cpu":
         raise ConfigError("consolidate.loss_impl", "fused is the Triton GPU kernel, but trainer.device=cpu; use "

@@ -87,6 +87,15 @@ class AllStepsSkipped(OelError):
     """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
 
 
+class SkippedInARow(OelError):
+    """consolidate.max_skipped_in_a_row updates in a row were skipped (a non-finite loss or gradient norm): training
+    has stopped learning, and the stage stops rather than export weights that merely survived."""
+
+
+class NonFiniteWeights(OelError):
+    """A weight became NaN or infinite (after an update, or in the dtype it is exported in): nothing is saved."""
+
+
 @contextmanager
 def exit_on_error(prog: str) -> Iterator[None]:
     """Around an entry point's body: an `OelError` ends the process with its exit status and one line on stderr

@@ -376,26 +376,15 @@ _POISONED_WORKER = """
 import runpy, sys
 from oel_hpc.train.torch.trainer import TorchTrainer
 bad, calls, step = set([{bad}]), [0], TorchTrainer.optimizer_step
-def poisoned(self, grad_clip):
+def poisoned(self, grad_clip, skip=False):
     calls[0] += 1
     if calls[0] in bad:
         next(p for p in self.student.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-    return step(self, grad_clip)
+    return step(self, grad_clip, skip)
 TorchTrainer.optimizer_step = poisoned
 sys.argv = ["oel_hpc.worker", {run!r}, "r1/consolidate"]
 runpy.run_module("oel_hpc.worker", run_name="__main__", alter_sys=True)
 """
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """A finished 2-step run of the real pipeline (the committed tiny model), to redo its consolidation."""
-    root = tmp_path_factory.mktemp("skip")
-    out = subprocess.run([sys.executable, "-m", "oel_hpc", f"run.root={root}", "consolidate.steps=2",
-                          "consolidate.save_freq=1", "evaluate.games=4", "wandb.mode=disabled"],
-                         cwd=ROOT, env=_env(False), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root / "tiny-frozenlake"
 
 
 def _reconsolidate(run: Path, dst: Path, bad: set[int], trainer: dict | None = None,
