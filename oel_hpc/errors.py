@@ -84,7 +84,8 @@ class Preempted(OelError):
 
 
 class AllStepsSkipped(OelError):
-    """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
+    """Every update of a consolidation was skipped (non-finite losses or gradient norms): its weights are the round's
+    start."""
 
 
 class SkippedInARow(OelError):

@@ -423,7 +423,7 @@ def test_consolidation_fails_when_every_step_is_skipped(small_run, tmp_path):
     assert out.returncode == 1, out.stderr[-3000:]  # a failure, said in one line (an OelError, not a crash)
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("oel_hpc.worker: error: r1 consolidate: all 2 steps had "
-                                                          "a non-finite gradient norm and were skipped")
+                                                          "a non-finite loss or gradient norm and were skipped")
     c = tmp_path / "run" / "round_1" / "consolidate"
     assert not (c / "DONE").exists() and not (c / "hf").exists()
     rows = [json.loads(line) for line in (c / "metrics.jsonl").read_text().splitlines()]

@@ -301,7 +301,7 @@ def _finish(run: Round) -> list[Path]:
     skipped = run.d.broadcast(sum(bool(row.get("skipped")) for row in run.metrics.rows))  # rank 0 holds the rows
     if skipped == steps:
         raise AllStepsSkipped(
-            f"r{r} consolidate: all {steps} steps had a non-finite gradient norm and were skipped (see "
+            f"r{r} consolidate: all {steps} steps had a non-finite loss or gradient norm and were skipped (see "
             f"{paths.display(paths.metrics(r))}): the weights are the round's starting weights, nothing was "
             "learned; nothing is exported. Look for NaN/inf in the loss inputs (consolidate.temperature, "
             "trainer.dtype=float16 overflow) and rerun with run.overwrite=true")

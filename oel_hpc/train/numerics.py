@@ -1,5 +1,5 @@
 """Whether weights are finite: the check after every update (train/consolidate.py through the backends'
-`weights_finite`) and before every export (checkpoint.export_hf).
+`non_finite_weight`) and before every export (checkpoint.export_hf).
 
 `all_finite` is exact and cheap enough for every step: one float32 sum per tensor, then a single sync. A finite
 total proves every element finite (a NaN or an infinity survives any sum, and ∞ - ∞ is NaN); a non-finite total can
