@@ -261,6 +261,9 @@ class ConsolidateConfig:
     loss_impl: LossImpl = LossImpl.auto
     micro_batch_tokens: int = 20480
     allow_empty_experience: bool = False
+    # stop the stage (exit 1, nothing exported) after this many updates in a row skipped for a non-finite loss or
+    # gradient norm; 0 = never (a run whose every step is skipped still fails)
+    max_skipped_in_a_row: int = 3
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -705,6 +708,7 @@ RANGES: dict[tuple[type, str], Range] = {
     (ConsolidateConfig, "grad_clip"): Range(0),  # 0 = no clipping; any finite bound is a bound
     (ConsolidateConfig, "save_freq"): Range(1, 100_000),
     (ConsolidateConfig, "keep_checkpoints"): Range(1, 100_000),
+    (ConsolidateConfig, "max_skipped_in_a_row"): Range(0, 100_000),  # 0 = never stop for skipped steps
     (ConsolidateConfig, "topk"): _SIZE,
     (ConsolidateConfig, "temperature"): _TEMPERATURE,
     (ConsolidateConfig, "chunk_size"): _SIZE,

@@ -101,7 +101,17 @@ class Preempted(OelError):
 
 
 class AllStepsSkipped(OelError):
-    """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
+    """Every update of a consolidation was skipped (non-finite losses or gradient norms): its weights are the round's
+    start."""
+
+
+class SkippedInARow(OelError):
+    """consolidate.max_skipped_in_a_row updates in a row were skipped (a non-finite loss or gradient norm): training
+    has stopped learning, and the stage stops rather than export weights that merely survived."""
+
+
+class NonFiniteWeights(OelError):
+    """A weight became NaN or infinite (after an update, or in the dtype it is exported in): nothing is saved."""
 
 
 @contextmanager

@@ -31,8 +31,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from oel_hpc.errors import NonFiniteWeights
 from oel_hpc.log import get_logger
 from oel_hpc.rundir import default_modes, make_temp_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from oel_hpc.train import numerics
 
 META = "meta.json"
 log = get_logger(__name__)
@@ -148,6 +150,7 @@ def export_hf(model, tokenizer, out_dir: Path, state_dict: Optional[dict] = None
     replaces the model's own weights (a full state gathered from shards)."""
     if (out_dir / "config.json").is_file():
         return out_dir
+    refuse_non_finite(state_dict if state_dict is not None else model.state_dict(), out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -160,6 +163,15 @@ def export_hf(model, tokenizer, out_dir: Path, state_dict: Optional[dict] = None
             raise
         shutil.rmtree(tmp)
     return out_dir
+
+
+def refuse_non_finite(state: dict, out_dir: Path) -> None:
+    """A model with a NaN or infinite weight (in the dtype it is saved in: a float32 weight beyond float16's range
+    becomes inf in a float16 export) is never written: NonFiniteWeights, naming the tensor."""
+    bad = numerics.first_non_finite(state.items())
+    if bad is not None:
+        raise NonFiniteWeights(f"refusing to export {out_dir}: {bad}; nothing written. Likely causes: a learning "
+                               "rate too high (consolidate.lr), or weights beyond the range of trainer.export_dtype")
 
 
 @contextmanager
