@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc import log
-from oel_hpc.config import CONF_DIR, GROUPS, config_error, validate
+from oel_hpc.config import CONF_DIR, GROUPS, check_schema, config_error, validate
 from oel_hpc.errors import ConfigError, exit_on_error
 
 PROG = "oel_hpc"
@@ -76,12 +76,13 @@ def run(cfg: DictConfig) -> None:
         # only reachable through Hydra's multirun: main() handles single Slurm runs itself
         raise ConfigError("cluster.launcher", "Slurm launching takes one run per command; sweeps (key=a,b) are "
                           "not supported: run the command once per value, each with its own run.name")
+    from oel_hpc.launch.guard import check_run_dir
     from oel_hpc.launch.local import run_local
     from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import RunPaths, config_hash
+    from oel_hpc.rundir import config_hash
     from oel_hpc.summary import summary
 
-    paths = RunPaths(Path(cfg.run.root).resolve() / cfg.run.name)
+    paths = check_run_dir(cfg)  # before anything is written
     nodes = build_dag(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
@@ -189,8 +190,8 @@ def compose_config(argv: list[str]) -> DictConfig:
 
 
 def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
-    from oel_hpc.launch import slurm
-    from oel_hpc.pipeline import build_dag
+    from oel_hpc.launch import guard, slurm
+    from oel_hpc.pipeline import build_dag, plan
     from oel_hpc.rundir import config_hash
 
     if show == "job":
@@ -198,7 +199,7 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
         return 0
     render_only = bool(cfg.launch.render_only)
     validate(cfg, check_files=not render_only)
-    paths = slurm.check_run_dir(cfg)
+    paths = guard.check_run_dir(cfg)
     nodes = build_dag(cfg)
     if render_only:
         folder = slurm.render_only(cfg, paths, nodes)
@@ -208,11 +209,26 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     if cfg.cluster.name == "local":
         logger.warning("cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a preset such "
                        "as cluster=local_slurm, a100, h100 or b200")
+    # nothing is submitted (nor Slurm asked) with an interpreter the jobs would fail on; nothing to do: no check
+    # (render_only neither: its scripts may be meant for another host)
+    if cfg.launch.check_python and plan(paths, nodes, cfg.run.overwrite):
+        guard.check_job_python(cfg, paths.root)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
     report = slurm.submit(cfg, paths, nodes, run_hash)
     print(slurm.format_report(cfg, report))
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's several-line message (what went wrong, then hints, the key again, where to read more) in one line."""
+    lines = []
+    while exc is not None:
+        for line in str(exc).splitlines():
+            if line.strip() and not line[:1].isspace() and not line.startswith(("See https://", "Set the environment")):
+                lines.append(line.strip())
+        exc = exc.__cause__
+    return "; ".join(dict.fromkeys(lines)) or "could not compose the config"
 
 
 _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc",
@@ -221,6 +237,9 @@ _INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--s
 
 
 def main() -> None:
+    # Hydra's parser takes -m only before the first override; anywhere on the line is what users type
+    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags[:1] + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     with exit_on_error(PROG):
         _main(sys.argv[1:])
 
@@ -246,18 +265,21 @@ def _main(argv: list[str]) -> None:
     try:
         cfg = compose_config(rest)
     except (HydraException, OmegaConfBaseException) as e:
-        bad_value = config_error(e)  # a value the schema refuses (not of its type, not one of its set)
+        bad_value = config_error(e)  # a key or value the schema refuses (unknown, not of its type or set)
         if bad_value is not None:
             raise bad_value from None
-        if not wants_slurm:
-            hydra_main()  # a sweep, or an error Hydra reports in its own words
+        message = one_line(e)
+        sweep = "--multirun" in message  # Hydra's hint for a sweep value (key=a,b)
+        if sweep and not wants_slurm and any(a in ("-m", "--multirun") for a in argv):
+            hydra_main()  # Hydra's launcher runs one job per value, each validated as it starts
             return
-        message = str(e).strip()
-        if "--multirun" in message:  # Hydra's hint for a sweep value (key=a,b)
-            raise ConfigError("overrides", f"{message.splitlines()[0]}: Slurm launching takes one run per "
+        if sweep and wants_slurm:
+            raise ConfigError("overrides", f"{message.split('; ')[0]}: Slurm launching takes one run per "
                               "command; run it once per value, each with its own run.name") from None
-        raise ConfigError("overrides", message.splitlines()[0]) from None
+        raise ConfigError("overrides", message) from None
     if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
+        if show is None:
+            check_schema(cfg)  # before Hydra's multirun (-m) makes its sweep folder
         hydra_main()
         return
     sys.exit(slurm_main(cfg, show, resolve))

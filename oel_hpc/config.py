@@ -7,7 +7,9 @@ costs nothing. A job re-applies the schema when it reads its run's config.yaml (
 """
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, is_dataclass
@@ -117,6 +119,11 @@ class ContainerRuntime(Choice):
     pyxis = "pyxis"
 
 
+class Verify(Choice):
+    cheap = "cheap"
+    full = "full"
+
+
 class WandbMode(Choice):
     auto = "auto"
     online = "online"
@@ -137,6 +144,13 @@ class RunConfig:
     name: str = "tiny-frozenlake"
     root: str = "runs"
     overwrite: bool = False  # a finished stage whose config changed is redone instead of refused
+    # shared project folders (docs/run-directory.md#permissions): the umask every process of the run writes with
+    # ("0002": group-writable; null: the launching shell's), and a group the run directory is given (setgid)
+    umask: Optional[str] = None
+    group: Optional[str] = None
+    # how finished outputs are checked against their DONE markers before they count as done or are read
+    # (oel_hpc/verify.py): cheap = size, mtime, and sha256 of small or touched files | full = sha256 of every file
+    verify: Verify = Verify.cheap
 
 
 @dataclass
@@ -247,6 +261,9 @@ class ConsolidateConfig:
     loss_impl: LossImpl = LossImpl.auto
     micro_batch_tokens: int = 20480
     allow_empty_experience: bool = False
+    # stop the stage (exit 1, nothing exported) after this many updates in a row skipped for a non-finite loss or
+    # gradient norm; 0 = never (a run whose every step is skipped still fails)
+    max_skipped_in_a_row: int = 3
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -320,7 +337,9 @@ class ClusterConfig:
     requeue: bool = True  # preempted or timed-out jobs go back to the queue and resume from their checkpoint
     signal_before_end_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
     setup: list[str] = field(default_factory=list)  # shell lines run first in every job (module load, ...)
-    python: str = "python"  # the interpreter on the compute nodes
+    # the interpreter jobs run; None: the one running the submitting command (sys.executable), or `python` in
+    # cluster.container; checked before anything is submitted (launch.check_python)
+    python: Optional[str] = None
     container: Optional[str] = None  # an Apptainer image (.sif) or, with pyxis, an enroot image
     container_runtime: ContainerRuntime = ContainerRuntime.apptainer
     # bound into the container besides the run directory, a local model folder and gather.source's folder
@@ -334,12 +353,17 @@ class LaunchConfig:
     render_only: bool = False  # write the sbatch scripts (slurm/ in the run directory) without submitting
     # with render_only: write the scripts, submit.sh and config.yaml here instead (e.g. the committed slurm/)
     render_dir: Optional[str] = None
+    # before submitting: run `<cluster.python> -c "import oel_hpc"` as a job would (false: a stand-in interpreter,
+    # or compute nodes whose interpreter cannot run on the submitting host)
+    check_python: bool = True
 
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.auto  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    # auto: WANDB_MODE if set, else offline (oel_hpc/tracking.py) | online | offline | disabled
+    mode: WandbMode = WandbMode.auto
     project: str = "oel_hpc"
+    init_timeout_s: float = 30.0  # a wandb.init that takes longer fails; the stage goes on without wandb
 
 
 @dataclass
@@ -435,10 +459,10 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     """Raise ConfigError for the first bad value. `check_files=False` skips what needs the model on disk."""
     from oel_hpc.games import GAMES
 
-    if not _RUN_NAME.match(cfg.run.name):
-        raise ConfigError("run.name", f"'{cfg.run.name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
+    check_schema(cfg)
     if cfg.env.name not in GAMES:
         raise ConfigError("env.name", f"unknown game '{cfg.env.name}' (choose from: {', '.join(GAMES)})")
+    validate_sharing_and_tracking(cfg)
     validate_env(cfg)
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
         validate_cluster(cfg)
@@ -487,7 +511,9 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             build = cfg.model.build
             raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]}" + (f"; make it with: {build}" if build else ""))
         if model_dir is not None:
-            model_config = json.loads((model_dir / "config.json").read_text())
+            from oel_hpc.model_files import check_model_dir
+
+            model_config = check_model_dir(model_dir, key="model.path", local=Path(cfg.model.path).expanduser().exists())
             vocab = model_config.get("vocab_size")
             if vocab is not None and cfg.consolidate.topk > vocab:
                 raise ConfigError("consolidate.topk", f"k={cfg.consolidate.topk} is larger than the vocabulary ({vocab})")
@@ -495,6 +521,18 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
                 from oel_hpc.prompts import check_context
 
                 check_context(cfg, model_config["max_position_embeddings"])
+
+
+def validate_sharing_and_tracking(cfg: DictConfig) -> None:
+    """run.umask, run.group, wandb.*: where results go and who may read them."""
+    from oel_hpc.rundir import group_id, parse_umask
+    from oel_hpc.tracking import wandb_mode
+
+    if cfg.run.umask is not None:
+        parse_umask(cfg.run.umask)
+    if cfg.run.group is not None:
+        group_id(cfg.run.group)
+    wandb_mode(cfg.wandb.mode)  # a WANDB_MODE wandb would refuse
 
 
 def validate_env(cfg: DictConfig) -> None:
@@ -617,6 +655,173 @@ def validate_cluster(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The schema walk: no key the schema does not have, every number finite and in range, a run name that fits a folder
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number key may take: [lo, hi] (lo excluded with `lo_open`); `zero` names what 0 means when 0 is
+    allowed below lo (temperature 0 = greedy decoding). hi bounds sizes so a typo cannot exhaust memory or disk."""
+    lo: float
+    hi: Optional[float] = None
+    lo_open: bool = False
+    zero: Optional[str] = None
+
+    def holds(self, v: float) -> bool:
+        if self.zero is not None and v == 0:
+            return True
+        above = v > self.lo if self.lo_open else v >= self.lo
+        return above and (self.hi is None or v <= self.hi)
+
+    def __str__(self) -> str:
+        lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.lo, self.hi))
+        span = f"{'(' if self.lo_open else '['}{lo}, {hi}]" if self.hi is not None else f">= {lo}"
+        return f"0 ({self.zero}) or in {span}" if self.zero else (f"in {span}" if self.hi is not None else span)
+
+
+_SIZE = Range(1, 1_000_000)
+# logits / T: below 1e-4 sampling is greedy in all but name (and T -> 0 overflows), above 100 it is uniform noise
+_TEMPERATURE = Range(1e-4, 100)
+# Every int and float field of the schema, by (section class, field); tests/test_config_guard.py checks none is
+# missing, so a new number key must say its range here. docs/configuration.md lists them.
+RANGES: dict[tuple[type, str], Range] = {
+    (SamplingConfig, "temperature"): Range(_TEMPERATURE.lo, _TEMPERATURE.hi, zero="greedy"),
+    (SamplingConfig, "top_p"): Range(0, 1, lo_open=True),
+    (SamplingConfig, "top_k"): Range(0, 1_000_000),  # 0 = no top-k filter
+    (SamplingConfig, "max_new_tokens"): _SIZE,
+    (PipelineConfig, "rounds"): Range(1, 1000),
+    (PipelineConfig, "seed"): Range(0, 2**63 - 1),
+    (EnvConfig, "max_turns"): Range(1, 1000),
+    (EnvConfig, "invalid_move_limit"): Range(1, 1000),
+    (PromptsConfig, "tokens_per_turn"): _SIZE,
+    (ExperienceConfig, "max_tokens"): _SIZE,
+    # held-out game seeds are 0..99 999 (oel_hpc/games/seeds.py), so held-out games stop there
+    (ExtractConfig, "seeds"): Range(1, 100_000),
+    (ExtractConfig, "steps"): Range(1, 100_000),
+    (ExtractConfig, "use_step"): Range(1, 100_000),
+    (ExtractConfig, "eval_games"): Range(0, 100_000),
+    (DeployConfig, "steps"): Range(1, 100_000),
+    (DeployConfig, "games_per_step"): Range(1, 100_000),
+    (ConsolidateConfig, "steps"): Range(1, 100_000),
+    (ConsolidateConfig, "lr"): Range(0, 1, lo_open=True),
+    (ConsolidateConfig, "weight_decay"): Range(0, 1),  # decoupled: each step scales the weights by 1 - lr * wd
+    (ConsolidateConfig, "grad_clip"): Range(0),  # 0 = no clipping; any finite bound is a bound
+    (ConsolidateConfig, "save_freq"): Range(1, 100_000),
+    (ConsolidateConfig, "keep_checkpoints"): Range(1, 100_000),
+    (ConsolidateConfig, "max_skipped_in_a_row"): Range(0, 100_000),  # 0 = never stop for skipped steps
+    (ConsolidateConfig, "topk"): _SIZE,
+    (ConsolidateConfig, "temperature"): _TEMPERATURE,
+    (ConsolidateConfig, "chunk_size"): _SIZE,
+    (ConsolidateConfig, "micro_batch_tokens"): Range(1, 100_000_000),
+    (EvaluateConfig, "games"): Range(1, 100_000),
+    (EngineConfig, "max_batch"): Range(1, 65_536),
+    (TrainerConfig, "tp"): Range(1, 1024),
+    (StageResources, "nodes"): Range(1, 10_000),
+    (StageResources, "tasks_per_node"): Range(1, 1024),
+    (StageResources, "gpus_per_node"): Range(0, 1024),
+    (StageResources, "cpus_per_task"): Range(1, 10_000),
+    (StageResources, "mem_gb"): Range(0, 1_000_000),
+    (StageResources, "time_min"): Range(1, 525_600),  # a year
+    (ClusterConfig, "gpus_per_node"): Range(0, 1024),
+    (ClusterConfig, "cpus_per_task"): Range(1, 10_000),
+    (ClusterConfig, "mem_gb"): Range(0, 1_000_000),
+    (ClusterConfig, "signal_before_end_s"): Range(1, 31_536_000),
+    (WandbConfig, "init_timeout_s"): Range(0, 3600, lo_open=True),
+}
+RUN_NAME_MAX = 100  # a folder name, and part of every job name and log file name under it
+
+
+def _number_kind(hint) -> Optional[type]:
+    """int or float for a number field (Optional or not), else None. bool is an int to Python, not here."""
+    args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is Union else [hint]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
+
+
+def _section_type(hint) -> Optional[type]:
+    """The dataclass a field holds, or for dict[str, <dataclass>] (cluster.resources) that of each value."""
+    if isinstance(hint, type) and is_dataclass(hint):
+        return hint
+    if get_origin(hint) is dict:
+        value = get_args(hint)[1]
+        return value if isinstance(value, type) and is_dataclass(value) else None
+    return None
+
+
+def number_fields(schema: type = OELConfig, prefix: str = ""):
+    """(key, section class, field, int|float) of every number in the schema, nested sections included (a
+    dict of sections is listed once, its key written <name>)."""
+    for name, hint in get_type_hints(schema).items():
+        kind, section = _number_kind(hint), _section_type(hint)
+        if kind is not None:
+            yield f"{prefix}{name}", schema, name, kind
+        elif section is not None:
+            yield from number_fields(section, f"{prefix}{name}.{'<name>.' if get_origin(hint) is dict else ''}")
+
+
+def unknown_key(key: str) -> ConfigError:
+    """'<key>: no such key in the config schema', with the closest key of its section when one is close."""
+    *parents, name = key.split(".")
+    try:
+        section = OmegaConf.select(OmegaConf.structured(OELConfig), ".".join(parents)) if parents else \
+            OmegaConf.structured(OELConfig)
+        names = [str(k) for k in section.keys()] if isinstance(section, DictConfig) else []
+    except OmegaConfBaseException:
+        names = []
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f" (did you mean {'.'.join([*parents, close[0]])}?)" if close else ""
+    return ConfigError(key, f"no such key in the config schema{hint}")
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """What types alone do not refuse: a key the schema lacks (Hydra's `+key=...` adds one), a number that is not
+    finite or out of its range, a run name too long for a folder."""
+    numbers: list[tuple[str, DictConfig, str, Optional[Range]]] = []
+    _walk(cfg, OELConfig, "", numbers)
+    # a value taken from another key (deploy.steps: ${consolidate.steps}) is refused under that key's name first
+    numbers.sort(key=lambda n: OmegaConf.is_interpolation(n[1], n[2]))
+    try:
+        for key, node, name, allowed in numbers:
+            _check_number(key, node[name], allowed)
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve (deploy.steps=${nope})
+        raise config_error(e) or ConfigError("config", str(e).split("\n")[0]) from None
+    name = cfg.run.name
+    if not _RUN_NAME.match(name):
+        raise ConfigError("run.name", f"'{name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
+    if len(name) > RUN_NAME_MAX:
+        raise ConfigError("run.name", f"{len(name)} characters; at most {RUN_NAME_MAX} (it names a folder)")
+
+
+def _walk(node: DictConfig, section: type, prefix: str, numbers: list) -> None:
+    """Refuse a key `section` does not have; list every number field below `node` with its range."""
+    hints = get_type_hints(section)
+    for key in node.keys():
+        if key not in hints:
+            raise unknown_key(f"{prefix}{key}")
+    for name, hint in hints.items():
+        key = f"{prefix}{name}"
+        if name not in node or OmegaConf.is_missing(node, name):
+            continue
+        kind, inner = _number_kind(hint), _section_type(hint)
+        if kind is not None:
+            numbers.append((key, node, name, RANGES.get((section, name))))
+        elif inner is not None and not OmegaConf.is_interpolation(node, name) and node[name] is not None:
+            if get_origin(hint) is dict:
+                for sub in node[name].keys():
+                    _walk(node[name][sub], inner, f"{key}.{sub}.", numbers)
+            else:
+                _walk(node[name], inner, f"{key}.", numbers)
+
+
+def _check_number(key: str, value, allowed: Optional[Range]) -> None:
+    if value is None:
+        return  # an Optional key left null: OmegaConf refuses null for the others
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+    if allowed is not None and not allowed.holds(value):
+        raise ConfigError(key, f"must be {allowed}, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # OmegaConf's own errors as one line, and a run's config.yaml read back with the schema
 
 
@@ -641,9 +846,13 @@ def config_error(exc: BaseException) -> Optional[ConfigError]:
     while exc is not None:
         if isinstance(exc, OmegaConfBaseException) and getattr(exc, "full_key", None):
             if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
-                return ConfigError(exc.full_key, "no such key in the config schema")
+                return unknown_key(exc.full_key)
             if isinstance(exc, ValidationError):
                 return ConfigError(exc.full_key, _choices(exc) or str(exc.msg).split("\n")[0])
+            if "does not support deletion" in str(exc.msg):
+                return ConfigError(exc.full_key, "a key of the schema cannot be deleted (~); give it a value")
+            if getattr(exc, "msg", None):  # e.g. an interpolation that does not resolve
+                return ConfigError(exc.full_key, str(exc.msg).split("\n")[0])
         exc = exc.__cause__ or exc.__context__
     return None
 
@@ -652,7 +861,12 @@ def load_run_config(path: Path) -> DictConfig:
     """A run's config.yaml typed by the schema again, as it was when composed (enums, ints, no unknown key). A
     file written before a key was added to the schema gets that key's default."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(OELConfig), OmegaConf.load(path))
+        cfg = OmegaConf.merge(OmegaConf.structured(OELConfig), OmegaConf.load(path))
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         why = config_error(e)
         raise ConfigError(str(path), str(why) if why else str(e).strip().split("\n")[0]) from None
+    try:
+        check_schema(cfg)  # a job refuses a config.yaml edited by hand as the command would have
+    except ConfigError as e:
+        raise ConfigError(str(path), str(e)) from None
+    return cfg

@@ -65,6 +65,23 @@ class MissingInput(ConfigError, FileNotFoundError):
         self.key = str(path)
 
 
+class RunInUse(ConfigError):
+    """Another command writes this run: it holds the run directory's lock (oel_hpc/runlock.py)."""
+
+    def __init__(self, message: str, key: str = "run.name"):
+        OelError.__init__(self, message)  # the message names the run directory and its holder
+        self.key = key
+
+
+class DamagedInput(ConfigError):
+    """A file a finished task wrote does not match its DONE marker, or cannot be read (cut short, not JSON): it is
+    never used. A launcher redoes the task that wrote it; a task that reads it stops."""
+
+    def __init__(self, path, message: str):
+        OelError.__init__(self, message)
+        self.key = str(path)
+
+
 class SlurmError(OelError):
     """A Slurm command failed or refused a job (its message names the command and Slurm's answer). Exit 2: what
     Slurm refuses is the submission's input (partition, account, limits), and nothing was left running."""
@@ -88,7 +105,17 @@ class DamagedCheckpoint(OelError):
 
 
 class AllStepsSkipped(OelError):
-    """Every update of a consolidation was skipped (non-finite gradient norms): its weights are the round's start."""
+    """Every update of a consolidation was skipped (non-finite losses or gradient norms): its weights are the round's
+    start."""
+
+
+class SkippedInARow(OelError):
+    """consolidate.max_skipped_in_a_row updates in a row were skipped (a non-finite loss or gradient norm): training
+    has stopped learning, and the stage stops rather than export weights that merely survived."""
+
+
+class NonFiniteWeights(OelError):
+    """A weight became NaN or infinite (after an update, or in the dtype it is exported in): nothing is saved."""
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from oel_hpc.errors import ConfigError, MissingInput
+from oel_hpc.errors import ConfigError, DamagedInput, MissingInput
 
 THINK_END = "</think>"
 MODES = ("items", "free_text")
@@ -145,12 +145,20 @@ def load_experience_list(list_file: Path, run_dir: Path) -> tuple[list[Experienc
     """Entries and their texts; a missing list, a missing or altered file, or an empty list is an error."""
     if not list_file.is_file():
         raise MissingInput(list_file, f"experience list {list_file} does not exist (has the gather stage run?)")
-    rows = json.loads(list_file.read_text())
+    try:
+        rows = json.loads(list_file.read_text())
+    except ValueError as e:
+        raise DamagedInput(list_file, f"experience list {list_file} is not JSON ({e}): it is damaged or cut "
+                                      "short; the gather stage that wrote it must be redone") from None
     if not rows:
         raise ConfigError(str(list_file), "the experience list has no entries")
     entries, texts = [], []
-    for row in rows:
-        entry = ExperienceEntry(**row)
+    for row in rows if isinstance(rows, list) else [rows]:
+        try:
+            entry = ExperienceEntry(**row)
+        except TypeError:  # not a dict, or not its fields
+            raise DamagedInput(list_file, f"experience list {list_file} holds an entry that is not "
+                                          f"{{seed, step, path, sha256, tokens}}: {str(row)[:80]}") from None
         path = run_dir / entry.path
         if not path.is_file():
             raise MissingInput(path, f"experience file {path} (listed in {list_file}) does not exist")
@@ -166,26 +174,65 @@ def entry_dict(entry: ExperienceEntry) -> dict:
     return asdict(entry)
 
 
-def read_source(path: Path, key: str = "gather.source") -> list[tuple[Path, str]]:
-    """Experience files named by a user: a JSON list as gather writes it (paths relative to the list's folder or
-    absolute) or a text file with one path per line. Every file must exist and at least one must hold an item."""
+MAX_SOURCE_BYTES = 64 * 2**20  # an experience list or file larger than this is not one (a typo'd path)
+_ROUND_FOLDER = re.compile(r"^round_\d+$")
 
+
+def read_source(path: Path, key: str = "gather.source") -> list[tuple[Path, str]]:
+    """Experience files named by a user: a JSON list as gather writes it, or a text file with one path per line.
+    Every file must exist and be UTF-8 text, and at least one must hold an item. A relative path is resolved from
+    the list's folder, except in a list gather wrote (<run>/round_<r>/experience_list.json), whose paths are
+    relative to its run directory."""
+    if path.is_dir():
+        raise ConfigError(key, f"experience list {path} is a folder, not a list file")
     if not path.is_file():
         raise ConfigError(key, f"experience list {path} does not exist")
-    text = path.read_text()
-    try:
-        names = [row["path"] for row in json.loads(text)]
-    except (json.JSONDecodeError, TypeError, KeyError):
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+    text = _read_text(path, key, "experience list")
+    if text.lstrip().startswith(("[", "{")):
+        names = _json_names(path, text, key)
+        base = path.parent.parent if _written_by_gather(path) else path.parent
+    else:
+        names, base = [line.strip() for line in text.splitlines() if line.strip()], path.parent
     if not names:
         raise ConfigError(key, f"experience list {path} has no entries")
     files = []
     for name in names:
         p = Path(name).expanduser()
-        p = p if p.is_absolute() else path.parent / p
+        p = p if p.is_absolute() else base / p
         if not p.is_file():
             raise ConfigError(key, f"experience file {p} (listed in {path}) does not exist")
-        files.append((p, p.read_text()))
+        files.append((p, _read_text(p, key, f"experience file (listed in {path})")))
     if not any(t.strip() for _, t in files):
         raise ConfigError(key, f"every experience file listed in {path} is empty")
     return files
+
+
+def _written_by_gather(path: Path) -> bool:
+    return path.name == "experience_list.json" and bool(_ROUND_FOLDER.match(path.parent.name))
+
+
+def _read_text(path: Path, key: str, what: str) -> str:
+    """A file that must be UTF-8 text, in one line of error otherwise."""
+    if path.stat().st_size > MAX_SOURCE_BYTES:
+        raise ConfigError(key, f"{what} {path} is {path.stat().st_size} bytes, more than any experience text "
+                          f"({MAX_SOURCE_BYTES // 2**20} MiB): not an experience file?")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{what} {path} is not UTF-8 text (a binary file?)") from None
+    if "\0" in text:
+        raise ConfigError(key, f"{what} {path} holds NUL bytes (a binary file?)")
+    return text
+
+
+def _json_names(path: Path, text: str, key: str) -> list[str]:
+    """The `path` of every row of a JSON experience list."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(key, f"experience list {path} is not valid JSON ({e.msg} at line {e.lineno}; cut "
+                          "short?)") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("path"), str) for r in rows):
+        raise ConfigError(key, f"experience list {path} must be a JSON list of objects with a \"path\" (as gather "
+                          "writes it), or a text file with one path per line")
+    return [r["path"] for r in rows]

@@ -13,8 +13,12 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.errors import ConfigError, StageConflict
+from oel_hpc import log
+from oel_hpc.errors import ConfigError, DamagedInput, StageConflict
 from oel_hpc.rundir import HASH_SCHEME, RunPaths, config_hash, read_done, sha256_file, write_json_atomic
+from oel_hpc.verify import Damage, check_outputs, summary
+
+logger = log.get_logger(__name__)
 
 STAGES = ("extract", "gather", "deploy", "consolidate", "evaluate")
 
@@ -44,11 +48,13 @@ STAGE_KEYS = {
 }
 
 # What stages may read that no stage hash covers, on purpose: model.* enters every hash through the model hash
-# (model.path, dtype, thinking; model.name and model.build are labels); run.* says where the run lives and whether a
-# changed stage may be redone (consolidation also names its wandb run after run.name); cluster.* and launch.* say
-# where and how jobs run, not what they compute (cluster.requeue: what a preempted job does next); wandb.* is where
-# metrics are also sent; experiment is the recipe's name; pipeline.rounds adds or drops rounds after the ones that
-# are there, leaving those as they are.
+# (model.path, dtype, thinking; model.name and model.build are labels); run.* says where the run lives, whether a
+# changed stage may be redone and who may read its files (run.umask, run.group: modes, not contents; consolidation
+# also names its wandb run after run.name); cluster.* and launch.* say where and how jobs run, not what they compute
+# (cluster.requeue: what a preempted job does next); wandb.* is where metrics are also sent, and how long to wait
+# for it; experiment is the recipe's name; pipeline.rounds adds or drops rounds after the ones that are there,
+# leaving those as they are. run.verify says how closely finished outputs are checked, not what
+# they are.
 UNHASHED_KEYS = ("model", "run", "cluster", "launch", "wandb", "experiment", "pipeline.rounds")
 
 
@@ -112,12 +118,34 @@ def build_dag(cfg: DictConfig) -> list[Node]:
     return nodes
 
 
-def task_state(paths: RunPaths, node: Node, task: Optional[int]) -> str:
-    """done | changed (finished under another config) | pending."""
-    done = read_done(paths.done(node.round, node.stage, task))
+def reads(node: Node) -> list[str]:
+    """The nodes whose outputs a node's tasks read: its dependencies and, from round 2, the consolidation whose
+    exported model the round starts from."""
+    start = [f"r{node.round - 1}/consolidate"] if node.round > 1 else []
+    return list(dict.fromkeys([*node.deps, *start]))
+
+
+def inspect_task(paths: RunPaths, node: Node, task: Optional[int],
+                 full: bool = False) -> tuple[str, list[Damage]]:
+    """(state, damage). state: done | changed (finished under another config) | damaged (finished under this
+    config, but a file its DONE marker records no longer matches it, or the marker cannot be read; `damage` says
+    which) | pending. `full`: hash every recorded file (oel_hpc/verify.py)."""
+    done_path = paths.done(node.round, node.stage, task)
+    try:
+        done = read_done(done_path)
+    except DamagedInput:
+        return "damaged", [Damage(paths.rel(done_path), "cannot be read as a DONE marker")]
     if done is None:
-        return "pending"
-    return "done" if done["config_hash"] == node.hash else "changed"
+        return "pending", []
+    if done["config_hash"] != node.hash:
+        return "changed", []
+    damage = check_outputs(paths.root, done, full)
+    return ("damaged", damage) if damage else ("done", [])
+
+
+def task_state(paths: RunPaths, node: Node, task: Optional[int], full: bool = False) -> str:
+    """done | changed | damaged | pending (inspect_task)."""
+    return inspect_task(paths, node, task, full)[0]
 
 
 def task_outputs(paths: RunPaths, node: Node, task: Optional[int]) -> list[Path]:
@@ -154,20 +182,51 @@ def conflict_message(paths: RunPaths, node: Node, task: Optional[int]) -> str:
             "to redo it and everything downstream")
 
 
-def plan(paths: RunPaths, nodes: list[Node], overwrite: bool) -> list[tuple[Node, list[Optional[int]]]]:
-    """The tasks still to run, per node. A task finished under another config is an error unless `overwrite`."""
-    todo = []
+@dataclass
+class Plan:
+    todo: list[tuple[Node, list[Optional[int]]]]  # per node, the tasks to run, in DAG order
+    # (node id, task) → why: finished tasks in `todo` whose outputs must go before they run: a damaged task, and a
+    # finished one that reads a task redone for that reason (its outputs came from the damaged files)
+    redo: dict[tuple[str, Optional[int]], str] = field(default_factory=dict)
+
+
+def survey(paths: RunPaths, nodes: list[Node], overwrite: bool, full: bool = False) -> Plan:
+    """The tasks still to run, per node: pending, changed (an error unless `overwrite`), damaged, and downstream
+    of a damaged one. Every finished task's outputs are verified (`full`: every file hashed)."""
+    plan_ = Plan([])
+    redone: dict[str, str] = {}  # node id → the damaged task it redoes, or the one upstream it depends on
     for node in nodes:
         tasks = []
+        upstream = next((d for d in reads(node) if d in redone), None)
         for task in node.task_ids():
-            state = task_state(paths, node, task)
+            state, damage = inspect_task(paths, node, task, full)
             if state == "changed" and not overwrite:
                 raise StageConflict(conflict_message(paths, node, task))
-            if state != "done":
+            if state == "damaged":
+                plan_.redo[(node.id, task)] = f"{describe(node, task)} is damaged: {summary(damage)}"
+                redone[node.id] = describe(node, task)
+            elif state == "done" and upstream is not None:
+                plan_.redo[(node.id, task)] = (f"{describe(node, task)} depends on {redone[upstream]}, which is "
+                                               "damaged")
+            if state != "done" or upstream is not None:
                 tasks.append(task)
+        if upstream is not None:
+            redone.setdefault(node.id, redone[upstream])
         if tasks:
-            todo.append((node, tasks))
-    return todo
+            plan_.todo.append((node, tasks))
+    return plan_
+
+
+def plan(paths: RunPaths, nodes: list[Node], overwrite: bool,
+         full: bool = False) -> list[tuple[Node, list[Optional[int]]]]:
+    """The tasks still to run, per node (survey)."""
+    return survey(paths, nodes, overwrite, full).todo
+
+
+def clear_for_redo(paths: RunPaths, node: Node, task: Optional[int], why: str) -> None:
+    """A launcher's warning line and the clearing of a finished task it redoes (Plan.redo)."""
+    logger.warning(f"{why}; redoing it")
+    clear_outputs(paths, node, task)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,7 +262,10 @@ class Manifest:
 
         old = {}
         if paths.manifest.is_file():
-            old = {s["id"]: s for s in json.loads(paths.manifest.read_text())["stages"]}
+            try:
+                old = {s["id"]: s for s in json.loads(paths.manifest.read_text())["stages"]}
+            except (ValueError, KeyError, TypeError):  # the DONE markers, not the manifest, say what is done
+                logger.warning(f"{paths.manifest} cannot be read; it is written afresh")
         stages = []
         for n in nodes:
             entry = {"id": n.id, "round": n.round, "stage": n.stage, "tasks": n.tasks, "hash": n.hash,

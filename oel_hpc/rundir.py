@@ -1,24 +1,145 @@
 """The run directory (docs/run-directory.md): where every file lives, atomic writes, and DONE markers.
 
 Every write goes to a temporary file in the same folder and is renamed into place, so a crash or a preempted
-job never leaves a half-written file behind. A DONE marker holds the stage's config hash and the sha256 of what
-it wrote; its presence is what "finished" means.
+job never leaves a half-written file behind. A DONE marker holds the stage's config hash and a record of each file
+it wrote (size, mtime, sha256, JSONL rows); it means "finished" while those files match it (oel_hpc/verify.py).
+Files and folders get the modes the umask gives (run.umask, and run.group for a shared project folder), as if
+created with open() and mkdir().
 """
 from __future__ import annotations
 
 import errno
+import grp
 import hashlib
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from oel_hpc.errors import ConfigError, DamagedInput
+from oel_hpc.verify import OUTPUTS_SCHEME, record
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modes. mkstemp and mkdtemp make 0600 files and 0700 folders whatever the umask, which would hide a run's results
+# from colleagues; everything written here gets the mode open() and mkdir() would give it instead.
+
+
+_umask_fallback: Optional[int] = None  # where /proc does not show it: as first read, or as apply_umask set it
+
+
+def current_umask() -> int:
+    """The process's umask: read from /proc on Linux (no race, always current); elsewhere read once by setting it
+    (os.umask's only way: racy should another thread create a file meanwhile) and remembered."""
+    global _umask_fallback
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if _umask_fallback is None:
+        _umask_fallback = os.umask(0o077)
+        os.umask(_umask_fallback)
+    return _umask_fallback
+
+
+def file_mode() -> int:
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new uniquely named folder in `parent` with the mode mkdir would give it (keeping the setgid bit it
+    inherits from a run.group folder)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, dir_mode() | (tmp.stat().st_mode & stat.S_ISGID))
+    return tmp
+
+
+def default_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes open() and mkdir() would: safetensors, like mkstemp, writes
+    0600 whatever the umask. For a folder written in full before it is moved into place (an export)."""
+    umask = current_umask()
+    for p in [folder, *folder.rglob("*")]:
+        if p.is_symlink():
+            continue
+        st = p.stat()
+        if p.is_dir():
+            wanted = (0o777 & ~umask) | (st.st_mode & stat.S_ISGID)
+        else:  # an executable stays one
+            wanted = (0o666 | (st.st_mode & 0o111)) & ~umask
+        if stat.S_IMODE(st.st_mode) != wanted:
+            os.chmod(p, wanted)
+
+
+_UMASK = re.compile(r"^0[0-7]{3}$")
+
+
+def parse_umask(value: str) -> int:
+    # four digits, so that a YAML file's bare 0027 (read by YAML as the number 23) is refused, not taken as 0o23
+    if not _UMASK.match(str(value)):
+        raise ConfigError("run.umask", f"must be four octal digits from 0000 to 0777 such as '0002', got "
+                          f"'{value}' (in a YAML file, quote it: a bare 0022 is read as the number 18)")
+    return int(str(value), 8)
+
+
+def apply_umask(value: Optional[str]) -> None:
+    """Set the process's umask to run.umask (null: leave it): every entry point that writes into a run calls this
+    first, and child processes (sbatch, hence the jobs; torchrun's ranks) inherit it."""
+    global _umask_fallback
+    if value is not None:
+        _umask_fallback = parse_umask(value)
+        os.umask(_umask_fallback)
+
+
+def group_id(name: str) -> int:
+    """run.group's id; a ConfigError if there is no such group or this user is not in it."""
+    try:
+        gid = grp.getgrnam(str(name)).gr_gid
+    except KeyError:
+        raise ConfigError("run.group", f"no group '{name}' on this machine") from None
+    if gid != os.getegid() and gid not in os.getgroups():
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a container without a passwd entry for this uid
+            user = f"uid {os.geteuid()}"
+        raise ConfigError("run.group", f"user '{user}' is not in group '{name}' (see `id`)")
+    return gid
+
+
+def share_run_dir(root: Path, umask: Optional[str], group: Optional[str]) -> None:
+    """Create the run directory under run.umask; with run.group, give it that group and the setgid bit, so every
+    file and folder made in it later belongs to the group (what was already there keeps its group)."""
+    apply_umask(umask)
+    root.mkdir(parents=True, exist_ok=True)
+    if group is None:
+        return
+    gid = group_id(group)
+    try:
+        if root.stat().st_gid != gid:
+            os.chown(root, -1, gid)
+        mode = stat.S_IMODE(root.stat().st_mode)  # after chown, which may clear the setgid bit
+        if not mode & stat.S_ISGID:
+            os.chmod(root, mode | stat.S_ISGID)
+    except OSError as e:
+        raise ConfigError("run.group", f"cannot give {root} the group '{group}': {e.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic writes
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -26,6 +147,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -48,7 +170,28 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a JSONL file; a line that is not JSON (a file cut mid-row, damaged) is an error naming the file."""
+    rows = []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise DamagedInput(path, f"{path} is not text ({e.reason} at byte {e.start}): the file is damaged") from None
+    for n, line in enumerate(text.split("\n"), 1):  # "\n" only: what verify counts as rows
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise DamagedInput(path, f"{path} line {n} is not JSON ({e}): the file is damaged or cut "
+                                         "short") from None
+    return rows
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file another task wrote; one that does not parse is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DamagedInput(path, f"{path} is not JSON ({e}): the file is damaged or cut short") from None
 
 
 def this_host() -> str:
@@ -177,7 +320,23 @@ class RunPaths:
 
 
 def read_done(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A DONE marker; None when there is none. One that cannot be read is DamagedInput."""
+    if not path.is_file():
+        return None
+    done = read_json(path)
+    if not isinstance(done, dict) or not isinstance(done.get("config_hash"), str) or not isinstance(
+            done.get("outputs", {}), dict):
+        raise DamagedInput(path, f"{path} is not a marker (no config_hash, or outputs not a record of files)")
+    return done
+
+
+def read_started(path: Path) -> Optional[dict]:
+    """A `.started` marker; None when there is none. One that cannot be read names no config (`config_hash` None):
+    the outputs of that attempt are not resumed."""
+    try:
+        return read_done(path)
+    except DamagedInput:
+        return {"config_hash": None}
 
 
 # How stage hashes are made (pipeline.STAGE_KEYS): 2 = each stage hashes exactly the keys it reads. A DONE marker
@@ -186,9 +345,12 @@ HASH_SCHEME = 2
 
 
 def mark_done(paths: RunPaths, done_path: Path, stage_hash: str, outputs: Iterable[Path]) -> None:
+    """`outputs_scheme` (verify.OUTPUTS_SCHEME) says how each output is recorded; a marker without it records a
+    sha256 per file and nothing else."""
     write_json_atomic(done_path, {
         "config_hash": stage_hash,
         "hash_scheme": HASH_SCHEME,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "outputs": {paths.rel(p): sha256_file(p) for p in sorted(outputs)},
+        "outputs_scheme": OUTPUTS_SCHEME,
+        "outputs": {paths.rel(p): record(p) for p in sorted(outputs)},
     })

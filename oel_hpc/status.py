@@ -1,9 +1,11 @@
-"""`python -m oel_hpc.status <run-dir> [--watch SECONDS] [--json]`: every stage and array task of a run.
+"""`python -m oel_hpc.status <run-dir> [--watch SECONDS] [--json] [--verify]`: every stage and array task of a run.
 
 For each stage of the run's manifest.json and each of its tasks (extract: seed, evaluate: checkpoint step): the
 Slurm job id (`<id>` or `<id>_<task>`), state, elapsed time, exit code and node, from one `squeue` and one `sacct`
-call per refresh. The DONE markers on disk are the ground truth for "done". A local run (no Slurm job ids) is shown
-from the manifest and the DONE markers alone, without calling Slurm.
+call per refresh. The DONE markers on disk are the ground truth for "done", once the files each records are checked
+against it (oel_hpc/verify.py: size and mtime, the sha256 of small or touched files; every sha256 with --verify):
+a task whose files do not match is "damaged", with the file named. A local run (no Slurm job ids) is shown from the
+manifest and the DONE markers alone, without calling Slurm.
 
 Per task, the newest job in the stage's `job_ids` (newest last) that covers it wins: an array stage's job id is the
 array's, and a resubmission of some tasks is a new array holding only their indices. A job id written as
@@ -25,16 +27,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from oel_hpc.errors import ConfigError, MissingInput, SlurmError, exit_on_error
-from oel_hpc.rundir import RunPaths
+from oel_hpc.errors import ConfigError, DamagedInput, MissingInput, SlurmError, exit_on_error
+from oel_hpc.rundir import RunPaths, read_done
 from oel_hpc.slurm import FINAL, PENDING, RUNNING, Runner, Slurm, job_ref, never_starts, parse_job_id, phase
+from oel_hpc.verify import check_outputs, summary
 
 PROG = "python -m oel_hpc.status"
 SLURM = Slurm(Runner(timeout_s=30.0, attempts=2))  # a dashboard refresh waits a minute at most
 
 # A task's state is one of: done, running, pending, failed, blocked (will never run: upstream failed), changed (a
-# DONE marker from another config), unknown. Slurm's job states are read through oel_hpc.slurm.phase.
-TERMINAL = {"done", "failed", "blocked", "changed"}
+# DONE marker from another config), damaged (a DONE marker whose files do not match it: the launcher redoes the
+# task), unknown. Slurm's job states are read through oel_hpc.slurm.phase.
+TERMINAL = {"done", "failed", "blocked", "changed", "damaged"}
 LABELS = {"extract": ("seed", "seeds"), "evaluate": ("step", "steps")}
 
 
@@ -63,13 +67,6 @@ def query_slurm(bases: list[str]) -> tuple[dict, dict, list[str]]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Collecting the report
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 def load_manifest(run_dir: Path) -> dict:
     """The run's manifest.json; bad input (no such folder, no manifest, not a manifest) is a ConfigError naming
@@ -144,15 +141,22 @@ def _done_path(paths: RunPaths, r, stage: str, task: Optional[int]) -> Optional[
 
 
 def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue: dict, paths: RunPaths,
-              slurm_ok: bool) -> dict:
+              slurm_ok: bool, verify: bool = False) -> dict:
     r, name = stage.get("round"), stage.get("stage")
     row = {"task": task, "label": task_label(name, task), "job_id": None, "state": "unknown",
            "slurm_state": None, "reason": None, "elapsed_s": None, "exit_code": None, "node": None,
            "start": None, "end": None, "name": None, "done": False, "finished_at": None, "note": None}
     done_path = _done_path(paths, r, name, task)
-    done = _read_json(done_path) if done_path is not None else None
-    if done is not None:
-        if stage.get("hash") is None or done.get("config_hash") == stage.get("hash"):
+    damaged = None  # what is wrong with a DONE of this config: its marker, or a file it records
+    try:
+        done = read_done(done_path) if done_path is not None else None
+    except DamagedInput:
+        done, damaged = {}, f"{paths.rel(done_path)} cannot be read as a DONE marker"
+    if done and (stage.get("hash") is None or done.get("config_hash") == stage.get("hash")):
+        damage = check_outputs(paths.root, done, full=verify)
+        if damage:
+            damaged = summary(damage)
+        else:
             row["done"] = True
             row["finished_at"] = done.get("finished_at")
 
@@ -198,6 +202,9 @@ def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue:
 
     if row["done"]:
         row["state"] = "done"
+    elif damaged is not None:
+        row["state"] = "damaged"
+        row["note"] = f"{damaged}: rerun the run's command to redo it"
     elif slurm is not None and _from_slurm(slurm) in ("running", "pending"):
         row["state"] = _from_slurm(slurm)
     elif done is not None:
@@ -229,7 +236,10 @@ def _aggregate(states: list[str]) -> str:
     for s in ("running", "pending", "unknown"):
         if s in states:
             return s
-    return "failed" if "failed" in states else ("changed" if "changed" in states else "blocked")
+    for s in ("failed", "damaged", "changed"):
+        if s in states:
+            return s
+    return "blocked"
 
 
 def _span(rows: list[dict], now: float) -> Optional[float]:
@@ -245,8 +255,8 @@ def _span(rows: list[dict], now: float) -> Optional[float]:
     return max(ends) - min(starts) if starts else None
 
 
-def collect(run_dir: Path, run_slurm=query_slurm) -> dict:
-    """Everything the table shows, as a dict (what --json prints)."""
+def collect(run_dir: Path, run_slurm=query_slurm, verify: bool = False) -> dict:
+    """Everything the table shows, as a dict (what --json prints). `verify`: hash every file DONE markers record."""
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     paths = RunPaths(run_dir.resolve())
@@ -262,14 +272,14 @@ def collect(run_dir: Path, run_slurm=query_slurm) -> dict:
     out_stages, by_id = [], {}
     for stage in stages:
         tasks = stage.get("tasks")
-        rows = [_task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok)
+        rows = [_task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify)
                 for t in (tasks if isinstance(tasks, list) else [None])]
         upstream = [by_id.get(d, {}).get("state") for d in stage.get("depends_on") or []]
-        if any(u in ("failed", "blocked", "changed") for u in upstream):
+        if any(u in ("failed", "blocked", "changed", "damaged") for u in upstream):
             for row in rows:  # never submitted, or waiting locally, behind a stage that will not finish
                 if row["state"] == "pending" and row["slurm_state"] is None:
                     row["state"] = "blocked"
-                    row["note"] = "an upstream stage failed or is blocked"
+                    row["note"] = "an upstream stage failed, is blocked or damaged"
         seconds = stage.get("seconds")
         if seconds is None:
             seconds = rows[0]["elapsed_s"] if tasks is None else _span(rows, now)
@@ -373,13 +383,16 @@ def main(argv=None) -> int:
                         help="refresh every SECONDS until every stage is done or failed")
     parser.add_argument("--json", action="store_true",
                         help="print the data as JSON (with --watch: one JSON object per line per refresh)")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every file the DONE markers record (default: size and mtime, and the hash of "
+                        "small files or files whose mtime changed)")
     args = parser.parse_args(argv)
     if args.watch is not None and not args.watch > 0:
         raise ConfigError("--watch", f"needs a positive number of seconds, not {args.watch:g}")
     tty = sys.stdout.isatty()
     try:
         while True:
-            report = collect(args.run_dir)  # bad input raises a ConfigError: one line, exit 2 (errors.py)
+            report = collect(args.run_dir, verify=args.verify)  # bad input: a ConfigError, one line, exit 2
             if args.json:
                 text = json.dumps(report, indent=None if args.watch else 2)
             else:

@@ -1,13 +1,11 @@
 """The table printed at the end of a run, read back from the run directory (so a no-op rerun prints it too)."""
 from __future__ import annotations
 
-import json
-
-from oel_hpc.rundir import RunPaths, read_jsonl
+from oel_hpc.rundir import RunPaths, read_json, read_jsonl
 
 
 def _load(path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def summary(cfg, paths: RunPaths) -> str:

@@ -28,20 +28,23 @@ def run(run_dir: Path, stage_id: str, task: Optional[int]) -> None:
     from oel_hpc.config import load_run_config
     from oel_hpc.lifecycle import execute
     from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import RunPaths
+    from oel_hpc.rundir import RunPaths, apply_umask
+    from oel_hpc.runlock import job_lock
     from oel_hpc.stages.common import StageContext
 
     paths = RunPaths(run_dir.resolve())
     if not paths.config.is_file():
         raise MissingInput(paths.config, f"{paths.config} does not exist")
     cfg = load_run_config(paths.config)
+    apply_umask(cfg.run.umask)  # sbatch passes the launcher's on; a worker started by hand or torchrun has the shell's
     nodes = {n.id: n for n in build_dag(cfg)}
     if stage_id not in nodes:
         raise ConfigError(stage_id, f"no such stage in {paths.config} (stages: {', '.join(nodes)})")
     node = nodes[stage_id]
     if node.tasks is not None and task not in node.tasks:
         raise ConfigError("--task", f"{stage_id} has tasks {node.tasks}, not {task}")
-    execute(StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()}), node, task)
+    with job_lock(paths.root):  # shared with the run's other jobs; refused while a local run holds the run
+        execute(StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()}), node, task)
 
 
 def main(argv=None) -> int:

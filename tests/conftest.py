@@ -73,3 +73,20 @@ def random_model_dir(tmp_path_factory):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A finished 2-step run of the real pipeline (the committed tiny model), for tests that redo its consolidation
+    on a copy (tests/test_precision.py, tests/test_train_numerics.py)."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("small-run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "oel_hpc", f"run.root={root}", "consolidate.steps=2",
+                          "consolidate.save_freq=1", "evaluate.games=4", "wandb.mode=disabled"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return root / "tiny-frozenlake"

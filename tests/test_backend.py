@@ -52,7 +52,7 @@ def test_the_protocol_lists_what_the_loop_and_the_checkpoints_use():
     used = _used_on_trainer(TRAIN / "consolidate.py") | _used_on_trainer(TRAIN / "checkpoint.py")
     used -= {"name", "tp", "parallel", "dtype"}  # cfg.trainer.<key>: config, not the backend
     assert used == set(DATA) | set(METHODS)
-    assert len(used) == 18
+    assert len(used) == 19
 
 
 @pytest.mark.parametrize("backend", ["torch", "megatron"])

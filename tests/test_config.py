@@ -80,7 +80,7 @@ def run_cli(tmp_path, *overrides):
     ("experiment=nope", "oel_hpc: error: experiment: unknown experiment 'nope'"),
     ("model.path=/no/such/model", "oel_hpc: error: model.path: model folder '/no/such/model' does not exist"),
     ("consolidate.topk=999999", "oel_hpc: error: consolidate.topk: k=999999 is larger than the vocabulary"),
-    ("consolidate.steps=0", "oel_hpc: error: consolidate.steps: must be positive, got 0"),
+    ("consolidate.steps=0", "oel_hpc: error: consolidate.steps: must be in [1, 100000], got 0"),
     ("gather.source=/no/list.txt", "oel_hpc: error: gather.source: experience list /no/list.txt does not exist"),
 ])
 def test_cli_bad_input_one_line_exit_2_nothing_started(tmp_path, override, message):

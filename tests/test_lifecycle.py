@@ -223,26 +223,31 @@ def test_done_records_the_stages_outputs(tmp_path):
     ctx = StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()})
     assert execute(ctx, gather, None) is True
     done = json.loads(paths.done(1, "gather").read_text())
-    assert list(done) == ["config_hash", "hash_scheme", "finished_at", "outputs"]
+    assert list(done) == ["config_hash", "hash_scheme", "finished_at", "outputs_scheme", "outputs"]
     files = ["round_1/experience_list.json", "round_1/extract/seed_0/experience_3.txt",
              "round_1/extract/seed_1/experience_3.txt"]
-    assert done["config_hash"] == gather.hash
-    assert done["outputs"] == {f: hashlib.sha256((paths.root / f).read_bytes()).hexdigest() for f in files}
+    assert done["config_hash"] == gather.hash and done["outputs_scheme"] == 2
+    assert done["outputs"] == {f: {"size": (paths.root / f).stat().st_size,
+                                   "mtime_ns": (paths.root / f).stat().st_mtime_ns,
+                                   "sha256": hashlib.sha256((paths.root / f).read_bytes()).hexdigest()}
+                               for f in files}
     assert not started_marker(paths, gather, None).exists()
     assert execute(ctx, gather, None) is False  # done: skipped
 
 
 def test_a_done_marker_from_before_the_lifecycle_still_counts(tmp_path):
+    """A marker of the first format (a sha256 per file, no sizes) counts while its files hash as recorded."""
     cfg, paths, nodes = fabricate(tmp_path)
     gather = nodes["r1/gather"]
     paths.done(1, "gather").parent.mkdir(parents=True)
+    paths.experience_list(1).write_text("[]\n")  # small: its hash is checked
     paths.done(1, "gather").write_text(
         '{\n  "config_hash": "%s",\n  "finished_at": "2026-11-30T10:00:00+0000",\n  "outputs": {\n'
-        '    "round_1/experience_list.json": "%s"\n  }\n}\n' % (gather.hash, "0" * 64))
+        '    "round_1/experience_list.json": "%s"\n  }\n}\n' % (gather.hash, hashlib.sha256(b"[]\n").hexdigest()))
     before = paths.done(1, "gather").read_bytes()
     ctx = StageContext(cfg, paths, {n.id: n.hash for n in nodes.values()})
     assert execute(ctx, gather, None) is False
-    assert paths.done(1, "gather").read_bytes() == before and not paths.experience_list(1).exists()
+    assert paths.done(1, "gather").read_bytes() == before and paths.experience_list(1).read_text() == "[]\n"
     out = oel(tmp_path)
     assert out.returncode == 0 and "Nothing to do" in out.stdout, out.stderr[-3000:]
 

@@ -376,26 +376,15 @@ _POISONED_WORKER = """
 import runpy, sys
 from oel_hpc.train.torch.trainer import TorchTrainer
 bad, calls, step = set([{bad}]), [0], TorchTrainer.optimizer_step
-def poisoned(self, grad_clip):
+def poisoned(self, grad_clip, skip=False):
     calls[0] += 1
     if calls[0] in bad:
         next(p for p in self.student.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-    return step(self, grad_clip)
+    return step(self, grad_clip, skip)
 TorchTrainer.optimizer_step = poisoned
 sys.argv = ["oel_hpc.worker", {run!r}, "r1/consolidate"]
 runpy.run_module("oel_hpc.worker", run_name="__main__", alter_sys=True)
 """
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """A finished 2-step run of the real pipeline (the committed tiny model), to redo its consolidation."""
-    root = tmp_path_factory.mktemp("skip")
-    out = subprocess.run([sys.executable, "-m", "oel_hpc", f"run.root={root}", "consolidate.steps=2",
-                          "consolidate.save_freq=1", "evaluate.games=4", "wandb.mode=disabled"],
-                         cwd=ROOT, env=_env(False), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root / "tiny-frozenlake"
 
 
 def _reconsolidate(run: Path, dst: Path, bad: set[int], trainer: dict | None = None,
@@ -434,7 +423,7 @@ def test_consolidation_fails_when_every_step_is_skipped(small_run, tmp_path):
     assert out.returncode == 1, out.stderr[-3000:]  # a failure, said in one line (an OelError, not a crash)
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("oel_hpc.worker: error: r1 consolidate: all 2 steps had "
-                                                          "a non-finite gradient norm and were skipped")
+                                                          "a non-finite loss or gradient norm and were skipped")
     c = tmp_path / "run" / "round_1" / "consolidate"
     assert not (c / "DONE").exists() and not (c / "hf").exists()
     rows = [json.loads(line) for line in (c / "metrics.jsonl").read_text().splitlines()]

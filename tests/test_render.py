@@ -24,13 +24,16 @@ PRESETS = ("local_slurm", "a100", "h100", "b200")
 GPU_PRESETS = ("a100", "h100", "b200")
 RECIPES = ("sokoban_qwen3_4b_instruct", "frozenlake_qwen3_1_7b", "frozenlake_qwen3_4b", "frozenlake_qwen3_8b")
 COMMITTED = ROOT / "slurm" / "sokoban_qwen3_4b_instruct"
-COMMITTED_ARGS = ["experiment=sokoban_qwen3_4b_instruct", "cluster=h100", "run.root=/path/to/runs",
-                  "launch.render_only=true"]
+# cluster.python=python: the committed scripts run `python` from the PATH of your jobs (the default, null, would write
+# the interpreter that renders them: a path of this machine)
+COMMITTED_ARGS = ["experiment=sokoban_qwen3_4b_instruct", "cluster=h100", "cluster.python=python",
+                  "run.root=/path/to/runs", "launch.render_only=true"]
 SECRETS = {"WANDB_API_KEY": "wandb-secret-7f3e9a1c", "HF_TOKEN": "hf_secretToken4b2d"}
 
 
 def slurm_cfg(*overrides, preset="local_slurm"):
-    return compose([f"cluster={preset}", *overrides])
+    # cluster.python=python: the rendered scripts run the recording stand-in `python` on the test PATH
+    return compose([f"cluster={preset}", "cluster.python=python", *overrides])
 
 
 def setting(cfg, key, value):
@@ -370,7 +373,7 @@ def test_slurm_errors_are_one_line_exit_2(tmp_path):
 
 
 def test_run_directory_cannot_escape_the_root(tmp_path):
-    from oel_hpc.launch.slurm import check_run_dir
+    from oel_hpc.launch.guard import check_run_dir
     from oel_hpc.pipeline import StageConflict
 
     root = tmp_path / "runs"

@@ -348,7 +348,8 @@ def test_a_cancelled_array_task_is_resubmitted_alone_while_the_rest_stays_queued
     bin_dir, log = sbatch_wrapper(tmp_path / "bin")
     env = {**os.environ, **SECRETS, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OEL_STUB_DIR": str(calls),
            "OEL_STUB_SLEEP": "120"}
-    overrides = ["wandb.mode=disabled", "run.name=stubbed", f"cluster.python={hydra_quoted(stub_path)}"]
+    overrides = ["wandb.mode=disabled", "run.name=stubbed", f"cluster.python={hydra_quoted(stub_path)}",
+                 "launch.check_python=false"]  # the stub is no Python
     run = root / "stubbed"
     try:
         out = oel(root, *overrides, env=env)
@@ -419,7 +420,8 @@ def test_hostile_paths_survive_sbatch(tmp_path, stub):
     stub_path, calls = stub
     root = tmp_path / "runs a'b \"c\" #d $(touch PWNED)"
     env = {**os.environ, "OEL_STUB_DIR": str(calls), "OEL_STUB_SLEEP": "0"}
-    out = oel(root, "wandb.mode=disabled", f"cluster.python={hydra_quoted(stub_path)}", "run.name=hostile", env=env)
+    out = oel(root, "wandb.mode=disabled", f"cluster.python={hydra_quoted(stub_path)}", "launch.check_python=false",
+              "run.name=hostile", env=env)
     assert out.returncode == 0, out.stderr
     run = root / "hostile"
     ids = all_job_ids(run)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 OVERRIDES = ["experiment=sokoban_qwen3_4b_instruct", "evaluate.steps=all", "cluster=local_slurm",
-             "cluster.python=/bin/true", "wandb.mode=disabled"]
+             "cluster.python=/bin/true", "launch.check_python=false", "wandb.mode=disabled"]
 
 
 def sacct_times(job_id: str) -> dict[str, tuple[str, str, str]]:
@@ -89,7 +89,7 @@ def in_process(root: Path) -> tuple[dict, list[str]]:
     from omegaconf import OmegaConf
 
     from oel_hpc.config import CONF_DIR, validate
-    from oel_hpc.launch import slurm
+    from oel_hpc.launch import guard, slurm
     from oel_hpc.pipeline import build_dag
     from oel_hpc.rundir import config_hash
     from oel_hpc.slurm import Slurm
@@ -99,7 +99,7 @@ def in_process(root: Path) -> tuple[dict, list[str]]:
     validate(cfg, check_files=False)
     nodes = build_dag(cfg)
     run_hash = config_hash({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "run"})
-    paths = slurm.check_run_dir(cfg)
+    paths = guard.check_run_dir(cfg)
     client = Slurm()
     t0 = time.perf_counter()
     report = slurm.submit(cfg, paths, nodes, run_hash, client)

@@ -17,7 +17,6 @@ config and `save_pretrained` refuses it: the weights go into a fresh model built
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +50,8 @@ def convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from oel_hpc.rundir import default_modes, make_temp_dir
+
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -65,13 +66,10 @@ def convert(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF weights do not fit the config: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     model.generation_config = loaded.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, prefix=".smollm2-")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700: readable by colleagues as any other file they write
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+    default_modes(tmp)  # readable by colleagues as any other file they write (safetensors makes 0600)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # the folder appears complete or not at all

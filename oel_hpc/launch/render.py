@@ -23,13 +23,16 @@ Secrets are never rendered: jobs get the submitter's environment through `--expo
 """
 from __future__ import annotations
 
+import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from oel_hpc.errors import ConfigError
 from oel_hpc.slurm import _no_control, array_spec, check_path_for_slurm, check_sbatch_line, check_setup_line, sbatch_value
 
 ARRAY_STAGES = ("extract", "evaluate")
@@ -83,8 +86,21 @@ def container_binds(cfg: DictConfig, run_dir: Path) -> list[str]:
     return out
 
 
+def job_python(cfg: DictConfig) -> str:
+    """The interpreter a job runs: `cluster.python` when set; else the one running this command (submitit's rule:
+    the venv you submit from, activated or not), or, in a container, the image's `python`."""
+    if cfg.cluster.python is not None:
+        return str(cfg.cluster.python)
+    if cfg.cluster.container is not None:
+        return "python"
+    if not sys.executable:
+        raise ConfigError("cluster.python", "null means this command's interpreter, but Python cannot tell its path "
+                          "(sys.executable is empty): set cluster.python")
+    return os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink that must stay the venv's
+
+
 def worker_argv(cfg: DictConfig, run_dir: Path, node) -> list[str]:
-    return [str(cfg.cluster.python), "-m", "oel_hpc.worker", str(run_dir), node.id]
+    return [job_python(cfg), "-m", "oel_hpc.worker", str(run_dir), node.id]
 
 
 def stage_command(cfg: DictConfig, run_dir: Path, node) -> list[str]:

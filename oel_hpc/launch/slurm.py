@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from oel_hpc.errors import SlurmError, StageConflict
 from oel_hpc.launch import render
 from oel_hpc.log import get_logger
-from oel_hpc.pipeline import Manifest, Node, clear_outputs, now, plan, task_state
-from oel_hpc.rundir import RunPaths, read_done, write_text_atomic
+from oel_hpc.pipeline import Manifest, Node, clear_for_redo, clear_outputs, now, plan, survey, task_state
+from oel_hpc.rundir import RunPaths, dir_mode, read_started, share_run_dir, write_text_atomic
+from oel_hpc.runlock import launcher_lock
 from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
 
 log = get_logger(__name__)
@@ -64,16 +65,7 @@ def write_scripts(files: dict[str, str], folder: Path) -> None:
         if not path.is_file() or path.read_text() != text:
             write_text_atomic(path, text)
             if name.endswith(".sh"):
-                path.chmod(0o755)
-
-
-def check_run_dir(cfg: DictConfig) -> RunPaths:
-    """The run directory, which must lie inside run.root (a symlinked run name may not lead elsewhere)."""
-    root = Path(cfg.run.root).expanduser().resolve()
-    run_dir = (root / cfg.run.name).resolve()
-    if run_dir.parent != root:
-        raise StageConflict(f"run directory {root / cfg.run.name} resolves to {run_dir}, outside run.root {root}")
-    return RunPaths(run_dir)
+                path.chmod(dir_mode())  # executable: rwx where a folder would be
 
 
 def run_config_yaml(cfg: DictConfig) -> str:
@@ -92,10 +84,13 @@ def render_only(cfg: DictConfig, paths: RunPaths, nodes: list[Node]) -> Path:
         files["config.yaml"] = run_config_yaml(cfg)
         write_scripts(files, folder)
         return folder
-    plan(paths, nodes, cfg.run.overwrite)  # a config that conflicts with the run's DONE stages is an error
-    write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
-    write_scripts({"config.yaml": run_config_yaml(cfg)}, paths.root)
-    (paths.root / "logs").mkdir(parents=True, exist_ok=True)
+    plan(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full")  # a conflicting config is an error here
+    files = render.render_run(cfg, paths.root, nodes, in_run_dir=True)
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)
+    with launcher_lock(paths.root, "render only"):  # not while another command writes the run's config.yaml
+        write_scripts(files, paths.root / "slurm")
+        write_scripts({"config.yaml": run_config_yaml(cfg)}, paths.root)
+        (paths.root / "logs").mkdir(parents=True, exist_ok=True)
     return paths.root / "slurm"
 
 
@@ -110,10 +105,19 @@ def _old_manifest(paths: RunPaths) -> dict[str, dict]:
 
 def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
            slurm: Optional[Slurm] = None) -> SubmitReport:
-    """Submit what is neither DONE nor queued/running; returns what was submitted and what was left alone."""
-    slurm = slurm or Slurm()
+    """Submit what is neither DONE nor queued/running, holding the run's launcher lock (oel_hpc/runlock.py: a second
+    submitter or a local run of it is refused; its jobs are not); returns what was submitted and left alone."""
+    if not plan(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full"):
+        return SubmitReport(paths.root)  # nothing to do: nothing written, not even the lock
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)  # before the lock files: they inherit the group
+    with launcher_lock(paths.root, "Slurm launcher"):
+        return _submit(cfg, paths, nodes, run_hash, slurm or Slurm())
+
+
+def _submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str, slurm: Slurm) -> SubmitReport:
     report = SubmitReport(paths.root)
-    todo = {node.id: tasks for node, tasks in plan(paths, nodes, cfg.run.overwrite)}
+    found = survey(paths, nodes, cfg.run.overwrite, full=cfg.run.verify == "full")  # damaged tasks are resubmitted
+    todo = {node.id: tasks for node, tasks in found.todo}
     if not todo:
         return report
     old = _old_manifest(paths)
@@ -125,7 +129,7 @@ def submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str,
     if choice.cancel:
         slurm.cancel(choice.cancel)
         report.cancelled = choice.cancel
-    manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash)
+    manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash, found.redo)
     _submit_in_dag_order(slurm, paths, nodes, choice, manifest, report)
     return report
 
@@ -184,18 +188,22 @@ def _choose(nodes: list[Node], todo: dict[str, list[Optional[int]]], live: dict[
 
 
 def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: dict, to_submit: dict,
-                     old: dict[str, dict], run_hash: str) -> Manifest:
-    """Clear what another config left in the tasks about to run, then write the config the jobs read, the scripts
-    they run, the folder their logs go to, and the manifest (stages already done marked so)."""
+                     old: dict[str, dict], run_hash: str, redo: dict) -> Manifest:
+    """Clear what another config left in the tasks about to run, and damaged tasks (with what depends on them:
+    `redo`), then write the config the jobs read, the scripts they run, the folder their logs go to, and the
+    manifest (stages already done marked so)."""
     for n in nodes:
         for task in to_submit.get(n.id, []):
-            begun = read_done(paths.started(n.round, n.stage, task))
+            if (n.id, task) in redo:
+                clear_for_redo(paths, n, task, redo[(n.id, task)])
+                continue
+            begun = read_started(paths.started(n.round, n.stage, task))
             stale = (task_state(paths, n, task) == "changed"
                      or (begun is not None and begun.get("config_hash") != n.hash)
                      or (n.id in old and old[n.id].get("hash") != n.hash))
             if stale:  # leftovers of another config must not be resumed
                 clear_outputs(paths, n, task)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    share_run_dir(paths.root, cfg.run.umask, cfg.run.group)  # sbatch passes the umask on to the jobs
     write_text_atomic(paths.config, run_config_yaml(cfg))
     write_scripts(render.render_run(cfg, paths.root, nodes, in_run_dir=True), paths.root / "slurm")
     (paths.root / "logs").mkdir(exist_ok=True)

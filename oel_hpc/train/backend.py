@@ -4,13 +4,14 @@ satisfy it, `trainer.name=torch` (train/torch/: DDP or FSDP2) and `trainer.name=
 parallelism); tests/test_backend.py checks both against this protocol.
 
 A step as the loop drives it: `refresh_sampler`, sample with `sampler`; then per micro-batch `teacher_hidden`, and
-`student_loss` inside `accumulate` (the loop calls backward); then `optimizer_step`.
+`student_loss` inside `accumulate` (the loop calls backward); then `optimizer_step`, and `non_finite_weight` after
+an update.
 """
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -47,8 +48,14 @@ class TrainerBackend(Protocol):
                      normalizer: float, loss_args: dict) -> tuple[torch.Tensor, ...]:
         """(loss, Σ kl, Σ student entropy, Σ teacher entropy) of one micro-batch; loss carries the gradient."""
 
-    def optimizer_step(self, grad_clip: float) -> tuple[float, bool]:
-        """Reduce, clip and step: (the gradient norm before clipping, whether the update was taken)."""
+    def optimizer_step(self, grad_clip: float, skip: bool = False) -> tuple[float, bool]:
+        """Reduce, clip and step: (the gradient norm before clipping, whether the update was taken). No update where
+        the norm is non-finite on any rank, or with `skip` (the same on every rank: the loop found the loss
+        non-finite); the gradients are dropped either way."""
+
+    def non_finite_weight(self) -> Optional[str]:
+        """None when every weight the optimizer updates is finite on every rank; else one that is not, named (a
+        collective: every rank calls it, after an update)."""
 
     def checkpoint_state(self) -> dict:
         """Model and optimizer state for DCP, under the backend's own keys (also the template a resume loads into)."""

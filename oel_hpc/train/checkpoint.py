@@ -33,7 +33,6 @@ import random
 import re
 import secrets
 import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -45,10 +44,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from oel_hpc.errors import DamagedCheckpoint
+from oel_hpc.errors import DamagedCheckpoint, NonFiniteWeights
 from oel_hpc.log import get_logger
-from oel_hpc.rundir import (replace_dir_atomic, sha256_file, this_host, unique_suffix, write_json_atomic,
-                            write_text_atomic)
+from oel_hpc.rundir import (default_modes, make_temp_dir, replace_dir_atomic, sha256_file, this_host, unique_suffix,
+                            write_json_atomic, write_text_atomic)
+from oel_hpc.train import numerics
 
 META = "meta.json"
 STALE_TMP_AFTER_S = 3600  # a temporary folder nobody has written to for this long belongs to a dead save
@@ -391,10 +391,12 @@ def export_hf(model, tokenizer, out_dir: Path, state_dict: Optional[dict] = None
     replaces the model's own weights (a full state gathered from shards)."""
     if (out_dir / "config.json").is_file():
         return out_dir
+    refuse_non_finite(state_dict if state_dict is not None else model.state_dict(), out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    default_modes(tmp)
     try:
         os.rename(tmp, out_dir)
     except OSError:
@@ -402,6 +404,15 @@ def export_hf(model, tokenizer, out_dir: Path, state_dict: Optional[dict] = None
             raise
         shutil.rmtree(tmp)
     return out_dir
+
+
+def refuse_non_finite(state: dict, out_dir: Path) -> None:
+    """A model with a NaN or infinite weight (in the dtype it is saved in: a float32 weight beyond float16's range
+    becomes inf in a float16 export) is never written: NonFiniteWeights, naming the tensor."""
+    bad = numerics.first_non_finite(state.items())
+    if bad is not None:
+        raise NonFiniteWeights(f"refusing to export {out_dir}: {bad}; nothing written. Likely causes: a learning "
+                               "rate too high (consolidate.lr), or weights beyond the range of trainer.export_dtype")
 
 
 @contextmanager

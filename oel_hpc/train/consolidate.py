@@ -28,7 +28,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from oel_hpc.engines.hf import HFEngine
-from oel_hpc.errors import AllStepsSkipped, EmptyExperience
+from oel_hpc.errors import AllStepsSkipped, EmptyExperience, NonFiniteWeights, SkippedInARow
 from oel_hpc.experience import load_experience_list
 from oel_hpc.games import make_game
 from oel_hpc.log import get_logger, progress
@@ -92,6 +92,7 @@ class Round:
     actions: list[str]
     start: int  # the step of the checkpoint resumed from (0: none)
     metrics: MetricsLog
+    skipped_in_a_row: list[int]  # the latest steps, consecutive, whose update was skipped
 
     @property
     def cfg(self):
@@ -119,8 +120,9 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> list[Path]:
                              initial=run.start, total=c.steps, disable=not d.is_main):
             t0 = time.time()
             samples, tokens, n_rows = _sample(run, step)
-            sums, grad_norm, stepped = _train_step(run, step, samples, tokens)
-            _log_step(run, step, sums, grad_norm, stepped, tokens, n_rows, time.time() - t0)
+            sums, grad_norm, skip_reason = _train_step(run, step, samples, tokens)
+            _log_step(run, step, sums, grad_norm, skip_reason, tokens, n_rows, time.time() - t0)
+            _stop_when_skipping(run, step, skip_reason)
             _save_or_stop(run, step, signals)
     return _finish(run)
 
@@ -158,7 +160,17 @@ def _prepare(ctx, r: int, d: distributed.Dist) -> Round:
     metrics = MetricsLog(paths.metrics(r), start, cfg.wandb, f"{cfg.run.name}-r{r}-consolidate-{stage_hash[:8]}",
                          {"round": r, "consolidate": dict(c), "model": base, "ranks": d.world_size},
                          enabled=d.is_main)
-    return Round(ctx, r, d, stage_hash, experiences, tokenizer, trainer, engine, builder, actions, start, metrics)
+    # a resumed run goes on counting the skipped steps its checkpoint ended with (rank 0 holds the rows)
+    return Round(ctx, r, d, stage_hash, experiences, tokenizer, trainer, engine, builder, actions, start, metrics,
+                 d.broadcast(skipped_at_end(metrics.rows)))
+
+
+def skipped_at_end(rows: list[dict]) -> list[int]:
+    """The steps of the metrics rows' final run of skipped updates ([] when the last update was taken)."""
+    steps: list[int] = []
+    for row in rows:
+        steps = [*steps, row["step"]] if row.get("skipped") else []
+    return steps
 
 
 def _sample(run: Round, step: int) -> tuple[list[Sample], int, int]:
@@ -192,10 +204,10 @@ def _sample(run: Round, step: int) -> tuple[list[Sample], int, int]:
     return samples, tokens, n_rows
 
 
-def _train_step(run: Round, step: int, samples: list[Sample], tokens: int) -> tuple[list[float], float, bool]:
+def _train_step(run: Round, step: int, samples: list[Sample], tokens: int) -> tuple[list[float], float, str | None]:
     """Reverse KL to the teacher on the response tokens, gradients accumulated over micro-batches and ranks into one
     token mean over the whole step, then the update. Returns (this rank's [Σ kl, Σ student entropy, Σ teacher
-    entropy], the gradient norm, whether the update was taken)."""
+    entropy], the gradient norm, why the update was skipped: None when it was taken)."""
     trainer, pad, loss_args = run.trainer, run.engine.pad_token_id, run.loss_args()
     batches = micro_batches(samples, run.cfg.consolidate.micro_batch_tokens)
     passes = trainer.forward_passes(max(len(batches), 1))
@@ -213,20 +225,58 @@ def _train_step(run: Round, step: int, samples: list[Sample], tokens: int) -> tu
             (loss if real else loss * 0.0).backward()
         if real:
             sums = [a + b.item() for a, b in zip(sums, (kl, ent_s, ent_t))]
-    # a non-finite gradient norm skips the update (weights and optimizer state unchanged, on every rank); the step
-    # still counts: metrics, checkpoint and the loop go on
-    grad_norm, stepped = trainer.optimizer_step(run.cfg.consolidate.grad_clip)
-    if not stepped and run.d.is_main:
-        log.warning(f"r{run.r} step {step}: gradient norm is {grad_norm}, update skipped")
-    return sums, grad_norm, stepped
+    # a non-finite loss (on any rank) or gradient norm skips the update (weights and optimizer state unchanged, on
+    # every rank); the step still counts: metrics, checkpoint and the loop go on (_stop_when_skipping ends it when
+    # it keeps happening). The loss is looked at on its own: a NaN can sit where no gradient flows (a masked
+    # position, the teacher's side) and still mean the step's numbers are garbage.
+    loss_finite = distributed.agree_finite(sums, run.d)
+    grad_norm, stepped = trainer.optimizer_step(run.cfg.consolidate.grad_clip, skip=not loss_finite)
+    if not stepped:
+        reason = "non-finite loss" if not loss_finite else "non-finite gradient norm"
+        if run.d.is_main:
+            what = "the loss is not finite" if not loss_finite else f"gradient norm is {grad_norm}"
+            log.warning(f"r{run.r} step {step}: {what}, update skipped")
+        return sums, grad_norm, reason
+    # An update from a finite gradient can still leave non-finite weights (a learning rate so high that lr × update
+    # overflows, 16-bit master weights overflowing). Restoring the weights would need a copy of the model and its
+    # optimizer state every step, and the next update would overflow the same way: stop instead, before any
+    # checkpoint or export holds them. One reduction per weight and one sync (train/numerics.py).
+    bad = trainer.non_finite_weight()
+    if bad is not None:
+        run.metrics.close()
+        c = run.cfg.consolidate
+        raise NonFiniteWeights(
+            f"r{run.r} consolidate: the update of step {step} made the weights non-finite ({bad}) from a finite "
+            f"gradient norm ({grad_norm:.4g}): the learning rate is likely too high (consolidate.lr={c.lr:g}, "
+            f"consolidate.grad_clip={c.grad_clip:g}); nothing of this step is saved or exported. Lower it and rerun "
+            "with run.overwrite=true")
+    return sums, grad_norm, None
 
 
-def _log_step(run: Round, step: int, sums: list[float], grad_norm: float, stepped: bool, tokens: int, n_rows: int,
-              seconds: float) -> None:
+def _log_step(run: Round, step: int, sums: list[float], grad_norm: float, skip_reason: str | None, tokens: int,
+              n_rows: int, seconds: float) -> None:
     kl, ent_s, ent_t = run.trainer.dp_all_reduce(sums)
     run.metrics.log({"step": step, "kl": kl / tokens, "student_entropy": ent_s / tokens,
-                     "teacher_entropy": ent_t / tokens, "grad_norm": grad_norm, "skipped": not stepped,
-                     "tokens": tokens, "rows": n_rows, "lr": run.cfg.consolidate.lr, "seconds": seconds})
+                     "teacher_entropy": ent_t / tokens, "grad_norm": grad_norm, "skipped": skip_reason is not None,
+                     "skip_reason": skip_reason, "tokens": tokens, "rows": n_rows, "lr": run.cfg.consolidate.lr,
+                     "seconds": seconds})
+
+
+def _stop_when_skipping(run: Round, step: int, skip_reason: str | None) -> None:
+    """consolidate.max_skipped_in_a_row skipped updates in a row (0: never) stop the stage before this step's
+    checkpoint: every rank took the same decisions, so all stop here together."""
+    run.skipped_in_a_row = [*run.skipped_in_a_row, step] if skip_reason else []
+    limit, skipped = run.cfg.consolidate.max_skipped_in_a_row, run.skipped_in_a_row
+    if not limit or len(skipped) < limit:
+        return
+    run.metrics.close()
+    where = run.paths.display(run.paths.metrics(run.r))
+    steps = f"update of step {step} was" if len(skipped) == 1 else f"updates of steps {skipped[0]}-{step} were"
+    raise SkippedInARow(
+        f"r{run.r} consolidate: the {steps} skipped ({skip_reason}; {len(skipped)} in a row, "
+        f"consolidate.max_skipped_in_a_row={limit}; skip_reason in {where}); nothing is exported. Likely causes: "
+        "NaN/inf in the loss inputs (consolidate.temperature, a damaged deploy file), trainer.dtype=float16 overflow, "
+        "a learning rate too high (consolidate.lr); fix it and rerun with run.overwrite=true")
 
 
 def _save_or_stop(run: Round, step: int, signals: preemption.StopSignals) -> None:
@@ -251,12 +301,18 @@ def _finish(run: Round) -> list[Path]:
     skipped = run.d.broadcast(sum(bool(row.get("skipped")) for row in run.metrics.rows))  # rank 0 holds the rows
     if skipped == steps:
         raise AllStepsSkipped(
-            f"r{r} consolidate: all {steps} steps had a non-finite gradient norm and were skipped (see "
+            f"r{r} consolidate: all {steps} steps had a non-finite loss or gradient norm and were skipped (see "
             f"{paths.display(paths.metrics(r))}): the weights are the round's starting weights, nothing was "
             "learned; nothing is exported. Look for NaN/inf in the loss inputs (consolidate.temperature, "
             "trainer.dtype=float16 overflow) and rerun with run.overwrite=true")
-    run.trainer.export(run.tokenizer, paths.hf(r))
-    run.d.barrier()
+    refused = None
+    try:  # rank 0 writes; a refusal (a weight non-finite in the export dtype) must stop every rank, not hang them
+        run.trainer.export(run.tokenizer, paths.hf(r))
+    except NonFiniteWeights as e:
+        refused = str(e)
+    refused = run.d.broadcast(refused)  # also the barrier: the folder is complete when the others go on
+    if refused is not None:
+        raise NonFiniteWeights(refused)
     if not run.d.is_main:
         return []
     return [p for p in paths.hf(r).iterdir() if p.is_file()] + [paths.metrics(r)]

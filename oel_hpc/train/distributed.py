@@ -214,8 +214,12 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-def agree_finite(norm, d: Dist) -> bool:
-    """Whether the gradient norm is finite on every rank: the skip-or-step decision must be the same everywhere
-    (one MAX all-reduce with several ranks)."""
-    bad = 0.0 if torch.isfinite(torch.as_tensor(norm)) else 1.0
-    return d.all_reduce([bad], op="max")[0] == 0.0
+def agree_finite(values, d: Dist) -> bool:
+    """Whether `values` (a gradient norm, a step's loss sums) are finite on every rank: the skip-or-step decision
+    must be the same everywhere (one MAX all-reduce with several ranks)."""
+    return agree(bool(torch.isfinite(torch.as_tensor(values)).all()), d)
+
+
+def agree(ok: bool, d: Dist) -> bool:
+    """Whether `ok` holds on every rank (one MAX all-reduce with several ranks)."""
+    return d.all_reduce([0.0 if ok else 1.0], op="max")[0] == 0.0

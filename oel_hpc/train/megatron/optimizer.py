@@ -221,11 +221,12 @@ class DistributedAdam:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def step(self, grad_clip: float | None = None) -> tuple[float, bool]:
+    def step(self, grad_clip: float | None = None, skip: bool = False) -> tuple[float, bool]:
         """Reduce the accumulated gradients (dp reduce-scatter, TP sum of the q/k-norm gradients), clip, step, gather
         the updated weights into every rank's model, zero the buffers. Returns (the global gradient norm before
         clipping, whether the step was taken): a non-finite norm skips the update (megatron's own step would apply
-        it: without a loss scaler it does not look), the same on every rank since the norm is reduced over all.
+        it: without a loss scaler it does not look), the same on every rank since the norm is reduced over all;
+        so does `skip` (the caller's decision, the same on every rank).
         ChainedOptimizer.step, with that check between the norm and the clip."""
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
@@ -235,7 +236,7 @@ class DistributedAdam:
         finalize_model_grads([self.ddp])
         found_inf = self.optimizer.prepare_grads()  # model grads -> main grads (and a scaler's check: none here)
         grad_norm = float(self.optimizer.get_grad_norm())
-        stepped = not found_inf and math.isfinite(grad_norm)
+        stepped = not found_inf and math.isfinite(grad_norm) and not skip
         if stepped:
             for opt in self.optimizer.chained_optimizers:
                 if getattr(opt, "is_stub_optimizer", False):

@@ -39,7 +39,7 @@ from oel_hpc.train.megatron import convert
 from oel_hpc.train.megatron.convert import shard_key
 from oel_hpc.train.megatron.model import build_gpt, final_hidden, finalize_grads, output_weight
 from oel_hpc.train.megatron.optimizer import MasterAdamW, loss_normalizer, resolve
-from oel_hpc.train import checkpoint, distributed
+from oel_hpc.train import checkpoint, distributed, numerics
 from oel_hpc.train.batch import pad_batch
 from oel_hpc.train.loss import topk_reverse_kl
 from oel_hpc.train.loss.vocab_parallel import vocab_parallel_topk_reverse_kl
@@ -188,11 +188,12 @@ class MegatronTrainer:  # a train.backend.TrainerBackend
                                              group=self.tp_group, normalizer=normalizer, **loss_args)
         return out.loss, out.kl_sum, out.student_entropy * out.tokens, out.teacher_entropy * out.tokens
 
-    def optimizer_step(self, grad_clip: float) -> tuple[float, bool]:
+    def optimizer_step(self, grad_clip: float, skip: bool = False) -> tuple[float, bool]:
         """Reduce, clip and step; returns (the gradient norm before clipping, whether the step was taken). A
-        non-finite norm on any rank skips the update everywhere (no weight or optimizer state changes)."""
+        non-finite norm on any rank (or `skip`) skips the update everywhere (no weight or optimizer state
+        changes)."""
         if self.dist_opt is not None:  # finalize_model_grads (dp reduce-scatter, q/k-norm TP sum), clip, step, zero
-            return self.dist_opt.step(grad_clip)
+            return self.dist_opt.step(grad_clip, skip=skip)
         # (parameter, its gradient): the float32 accumulators with master weights, else .grad
         grads = self.master_opt.grads() if self.master_opt is not None else \
             [(p, p.grad) for p in self.student.parameters() if p.grad is not None]
@@ -204,7 +205,7 @@ class MegatronTrainer:  # a train.backend.TrainerBackend
                 g.copy_(reduced)
         norm = self._grad_norm(grads)
         # replicated weights' gradients are not reduced over TP: agree on the decision over the whole job
-        stepped = distributed.agree_finite(norm, self.d)
+        stepped = distributed.agree_finite(norm, self.d) and not skip
         if stepped:
             if grad_clip > 0:
                 scale = min(1.0, grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
@@ -217,6 +218,12 @@ class MegatronTrainer:  # a train.backend.TrainerBackend
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return norm, stepped
+
+    @torch.no_grad()
+    def non_finite_weight(self):
+        """The model's parameters (this rank's TP shard): with float32 master weights they are the masters rounded
+        to the compute dtype, and rounding keeps a NaN or an infinity, so a non-finite master shows here too."""
+        return numerics.non_finite_weight(self.student.named_parameters(), self.d)
 
     def _grad_norm(self, grads) -> float:
         """2-norm over the whole model: TP-split weights count every shard, replicated ones once."""

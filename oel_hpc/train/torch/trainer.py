@@ -10,7 +10,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from transformers import AutoModelForCausalLM
 
-from oel_hpc.train import checkpoint, distributed
+from oel_hpc.train import checkpoint, distributed, numerics
 from oel_hpc.train.batch import pad_batch
 from oel_hpc.train.loss import topk_reverse_kl
 from oel_hpc.train.precision import Precision, fresh_adam_steps
@@ -109,16 +109,21 @@ class TorchTrainer:  # a train.backend.TrainerBackend
         return self.model(ids, attention, positions, teacher_hidden, self.teacher.lm_head.weight, normalizer,
                           **loss_args)
 
-    def optimizer_step(self, grad_clip: float) -> tuple[float, bool]:
+    def optimizer_step(self, grad_clip: float, skip: bool = False) -> tuple[float, bool]:
         """Clip and step; returns (the gradient norm before clipping, whether the step was taken). A non-finite
-        norm skips the update: no weight or optimizer state changes (every rank sees the same norm: DDP's
-        gradients and FSDP2's norm are reduced over all ranks)."""
+        norm (or `skip`) skips the update: no weight or optimizer state changes (every rank sees the same norm:
+        DDP's gradients and FSDP2's norm are reduced over all ranks)."""
         norm = distributed.clip_grad_norm(self.student.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        finite = distributed.agree_finite(norm, self.d)
-        if finite:
+        stepped = distributed.agree_finite(norm, self.d) and not skip
+        if stepped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.item(), finite
+        return norm.item(), stepped
+
+    @torch.no_grad()
+    def non_finite_weight(self):
+        """The student's parameters are the master weights (the sampler is a copy made from them)."""
+        return numerics.non_finite_weight(self.student.named_parameters(), self.d)
 
     def checkpoint_state(self) -> dict:
         never_stepped = not self.optimizer.state
