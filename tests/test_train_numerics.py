@@ -311,7 +311,7 @@ def test_the_key_is_checked_and_hashed():
     from oel_hpc.pipeline import build_dag
 
     assert compose().consolidate.max_skipped_in_a_row == 3
-    with pytest.raises(ConfigError, match="must be >= 0") as e:
+    with pytest.raises(ConfigError, match=r"must be in \[0, 100000\]") as e:
         validate(compose(["consolidate.max_skipped_in_a_row=-1"]), check_files=False)
     assert e.value.key == "consolidate.max_skipped_in_a_row"
     base = {n.id: n.hash for n in build_dag(compose())}
