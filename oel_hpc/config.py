@@ -437,24 +437,6 @@ def resolve_model_dir(path: str, key: str = "model.path") -> Optional[Path]:
     return None
 
 
-def _positive(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if value is None or value <= 0:
-            raise ConfigError(key, f"must be positive, got {value}")
-
-
-def _check_sampling(cfg: DictConfig, key: str) -> None:
-    s = OmegaConf.select(cfg, key)
-    if s.temperature < 0:
-        raise ConfigError(f"{key}.temperature", f"must be >= 0, got {s.temperature}")
-    if not 0 < s.top_p <= 1:
-        raise ConfigError(f"{key}.top_p", f"must be in (0, 1], got {s.top_p}")
-    if s.top_k < 0:
-        raise ConfigError(f"{key}.top_k", f"must be >= 0, got {s.top_k}")
-    _positive(cfg, f"{key}.max_new_tokens")
-
-
 def validate(cfg: DictConfig, check_files: bool = True) -> None:
     """Raise ConfigError for the first bad value. `check_files=False` skips what needs the model on disk."""
     from oel_hpc.games import GAMES
@@ -469,19 +451,6 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     validate_trainer(cfg)
     if not cfg.experience.marker.strip():
         raise ConfigError("experience.marker", "must contain a visible character")
-    _positive(
-        cfg,
-        "pipeline.rounds", "env.max_turns", "prompts.tokens_per_turn", "experience.max_tokens",
-        "extract.seeds", "extract.steps", "extract.use_step", "consolidate.steps", "deploy.steps",
-        "deploy.games_per_step", "consolidate.lr", "consolidate.save_freq", "consolidate.topk",
-        "consolidate.temperature", "consolidate.chunk_size", "consolidate.micro_batch_tokens",
-        "evaluate.games", "engine.max_batch",
-    )
-    for key in ("consolidate.weight_decay", "consolidate.grad_clip", "extract.eval_games"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
-    if cfg.consolidate.keep_checkpoints is not None and cfg.consolidate.keep_checkpoints <= 0:
-        raise ConfigError("consolidate.keep_checkpoints", "must be positive or null")
     loss_impl = cfg.consolidate.loss_impl
     if loss_impl == "fused" and cfg.trainer.device == "cpu":
         raise ConfigError("consolidate.loss_impl", "fused is the Triton GPU kernel, but trainer.device=cpu; use "
@@ -493,9 +462,6 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("extract.use_step", f"{cfg.extract.use_step} is after the last step ({cfg.extract.steps})")
     if cfg.deploy.steps < cfg.consolidate.steps:
         raise ConfigError("deploy.steps", f"{cfg.deploy.steps} deploy files for {cfg.consolidate.steps} steps")
-    for key in ("extract.sampling", "extract.extractor_sampling", "deploy.sampling", "consolidate.sampling",
-                "evaluate.sampling"):
-        _check_sampling(cfg, key)
     from oel_hpc.prompts import check_prompts
 
     check_prompts(cfg.prompts, free_text=cfg.experience.mode == "free_text")
