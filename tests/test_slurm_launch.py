@@ -301,23 +301,38 @@ def test_second_invocation_submits_nothing(e2e):
     assert snapshot(e2e["run"]) == before  # not a byte written
 
 
-def test_a_lost_seed_is_resubmitted_alone(e2e):
-    """After the run: one seed's outputs and DONE are gone; the same command resubmits that array task only."""
+def test_a_lost_seed_is_resubmitted_with_what_was_made_from_it(e2e):
+    """After the run: one seed's outputs and DONE are gone; the same command resubmits that array task only, and
+    what gather recorded from it (gather, and the consolidation and evaluation made from its experience: gather's
+    DONE names the seed's experience file, which no longer verifies) after it. The seed plays the same games again,
+    so everything ends as it was."""
+    import torch
+    from safetensors.torch import load_file
+
     run = e2e["run"]
     seed_dir = run / "round_2" / "extract" / "seed_1"
     expected = (seed_dir / "experience_3.txt").read_bytes()
+    weights = load_file(run / "round_2" / "consolidate" / "hf" / "model.safetensors")
     shutil.rmtree(seed_dir)
     out = oel(e2e["root"], *COMMON, ONE_TASK, env=e2e["env"])
     assert out.returncode == 0, out.stderr
     calls = sbatch_calls(e2e["log"])
-    assert calls == [["--parsable", "--array=1", str(run / "slurm" / "r2_extract.sbatch")]], calls
+    assert [Path(c[-1]).name for c in calls] == ["r2_extract.sbatch", "r2_gather.sbatch", "r2_consolidate.sbatch",
+                                                 "r2_evaluate.sbatch"], calls
+    assert calls[0][:2] == ["--parsable", "--array=1"], calls
     entry = next(s for s in manifest(run)["stages"] if s["id"] == "r2/extract")
     assert len(entry["job_ids"]) == 2 and entry["submissions"][-1]["tasks"] == [1]
     job = entry["job_ids"][-1]
-    wait_until(lambda: (seed_dir / "DONE").exists() and sacct([job]).get(f"{job}_1", {}).get("State") in FINAL,
-               "the resubmitted seed", RUN_TIMEOUT)
+    jobs = [s["job_ids"][-1] for s in manifest(run)["stages"] if s["id"].startswith("r2/")]
+    try:
+        wait_until(lambda: dag_done(run), "the resubmitted seed and what depends on it", RUN_TIMEOUT)
+    except BaseException:
+        cancel(jobs)
+        raise
     assert sacct([job])[f"{job}_1"]["State"] == "COMPLETED" and list(sacct([job])) == [f"{job}_1"]
     assert (seed_dir / "experience_3.txt").read_bytes() == expected  # the same seed plays the same games
+    redone = load_file(run / "round_2" / "consolidate" / "hf" / "model.safetensors")
+    assert all(torch.equal(weights[k], redone[k]) for k in weights) and weights.keys() == redone.keys()
 
 
 # ---------------------------------------------------------------------------------------------------------------

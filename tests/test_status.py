@@ -115,8 +115,11 @@ def test_removed_done_marker_shows_not_done(local_run, tmp_path):
     assert ["r1/consolidate", "-", "local", "pending"] == rows[[r[0] for r in rows].index("r1/consolidate")][:4]
 
     # --watch on a run that does not move: Ctrl-C ends it cleanly
+    # SIGINT as a terminal has it: a shell that starts pytest in the background leaves it ignored, and children
+    # inherit that
     proc = subprocess.Popen([sys.executable, "-m", "oel_hpc.status", str(run), "--watch", "0.2"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()  # it has started and shown the table once
         assert first.startswith("run 'tiny-frozenlake'"), first
