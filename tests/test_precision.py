@@ -147,15 +147,10 @@ def _env(megatron: bool) -> dict:
     return env
 
 
-def train_in_subprocesses(overrides: list[str], out: Path, world: int = 1, megatron: bool = False,
-                          **kw) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(world):
-        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_precision import train; "
-                f"train({overrides!r}, {str(out)!r}, {rank}, {world}, {str(out / 'store')!r}, **{kw!r})")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(megatron),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+def run_ranks(codes: list[str], megatron: bool) -> list[str]:
+    """One `python -c code` per rank, side by side; their outputs, after every one exited 0."""
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(megatron), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for code in codes]
     outs = []
     try:
         for p in procs:
@@ -165,6 +160,15 @@ def train_in_subprocesses(overrides: list[str], out: Path, world: int = 1, megat
             if p.poll() is None:
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
+def train_in_subprocesses(overrides: list[str], out: Path, world: int = 1, megatron: bool = False,
+                          **kw) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    outs = run_ranks([f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_precision import train; "
+                      f"train({overrides!r}, {str(out)!r}, {rank}, {world}, {str(out / 'store')!r}, **{kw!r})"
+                      for rank in range(world)], megatron)
     result = json.loads((out / "steps.json").read_text())
     result["log"] = "\n".join(outs)
     return result

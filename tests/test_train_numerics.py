@@ -22,7 +22,7 @@ import torch
 
 from oel_hpc.errors import NonFiniteWeights
 from tests.conftest import ROOT, compose
-from tests.test_precision import HAVE_MEGATRON, MEGATRON, MIXED, TINY, _env, _rows, _same, _snapshot
+from tests.test_precision import HAVE_MEGATRON, MEGATRON, MIXED, TINY, _env, _rows, _same, _snapshot, run_ranks
 
 LOSS_ARGS = dict(k=256, temperature=0.7, renormalize=False, chunk_size=1024, impl="chunked")
 
@@ -95,21 +95,9 @@ def step_worker(overrides: list[str], out: str, rank: int = 0, world: int = 1, s
 def run_steps(overrides: list[str], out: Path, world: int = 1, megatron: bool = False,
               fake_cuda: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(world):
-        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_train_numerics import step_worker; "
-                f"step_worker({overrides!r}, {str(out)!r}, {rank}, {world}, {str(out / 'store')!r}, {fake_cuda!r})")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(megatron),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    run_ranks([f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_train_numerics import step_worker; "
+               f"step_worker({overrides!r}, {str(out)!r}, {rank}, {world}, {str(out / 'store')!r}, {fake_cuda!r})"
+               for rank in range(world)], megatron)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
