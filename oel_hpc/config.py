@@ -78,6 +78,7 @@ class EvalSteps(Choice):
 
 class EngineName(Choice):
     hf = "hf"
+    vllm = "vllm"
 
 
 class TrainerName(Choice):
@@ -277,9 +278,23 @@ class EvaluateConfig:
 
 
 @dataclass
+class VLLMOptions:
+    """engine=vllm only (oel_hpc/engines/vllm_engine.py; docs/engines.md)."""
+    tensor_parallel: Optional[int] = None  # GPUs per engine; null = the GPUs the task has (1 on CPU)
+    gpu_memory_utilization: float = 0.85  # extract, deploy, evaluate: the engine has the GPU to itself
+    colocated_gpu_memory_utilization: float = 0.3  # consolidation: the engine shares the GPU with the trainer
+    cpu_kv_cache_mb: int = 256  # the CPU build's KV cache
+    max_model_len: Optional[int] = None  # null = the model's context
+    max_num_batched_tokens: int = 32768
+    prefix_caching: bool = False  # faster for prompts sharing a prefix; off: every prompt's KV computed alike
+    enforce_eager: bool = False  # true: no CUDA graphs / torch.compile (starts faster)
+
+
+@dataclass
 class EngineConfig:
     name: EngineName = EngineName.hf
     max_batch: int = 256  # a generate call never holds more sequences than this
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
 
 @dataclass
@@ -466,6 +481,10 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
 
     check_prompts(cfg.prompts, free_text=cfg.experience.mode == "free_text")
 
+    if cfg.engine.name == "vllm":
+        from oel_hpc.vllm_check import check_vllm_installed
+
+        check_vllm_installed()
     if cfg.gather.source is not None:
         from oel_hpc.experience import read_source
 
@@ -480,6 +499,10 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             from oel_hpc.model_files import check_model_dir
 
             model_config = check_model_dir(model_dir, key="model.path", local=Path(cfg.model.path).expanduser().exists())
+            if cfg.engine.name == "vllm":
+                from oel_hpc.vllm_check import check_vllm_model
+
+                check_vllm_model(model_config, model_dir)
             vocab = model_config.get("vocab_size")
             if vocab is not None and cfg.consolidate.topk > vocab:
                 raise ConfigError("consolidate.topk", f"k={cfg.consolidate.topk} is larger than the vocabulary ({vocab})")
@@ -681,6 +704,12 @@ RANGES: dict[tuple[type, str], Range] = {
     (ConsolidateConfig, "micro_batch_tokens"): Range(1, 100_000_000),
     (EvaluateConfig, "games"): Range(1, 100_000),
     (EngineConfig, "max_batch"): Range(1, 65_536),
+    (VLLMOptions, "tensor_parallel"): Range(1, 1024),
+    (VLLMOptions, "gpu_memory_utilization"): Range(0, 1, lo_open=True),
+    (VLLMOptions, "colocated_gpu_memory_utilization"): Range(0, 1, lo_open=True),
+    (VLLMOptions, "cpu_kv_cache_mb"): Range(1, 100_000_000),
+    (VLLMOptions, "max_model_len"): Range(1, 100_000_000),
+    (VLLMOptions, "max_num_batched_tokens"): Range(1, 100_000_000),
     (TrainerConfig, "tp"): Range(1, 1024),
     (StageResources, "nodes"): Range(1, 10_000),
     (StageResources, "tasks_per_node"): Range(1, 1024),

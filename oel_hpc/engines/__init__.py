@@ -1,4 +1,5 @@
-"""Generation engines behind one interface (`chat_ids`, `count_chat_tokens`, `count_tokens`, `generate`).
+"""Generation engines behind one interface (`chat_ids`, `count_chat_tokens`, `count_tokens`, `generate`):
+`hf` (transformers generate) and `vllm` (vLLM offline inference).
 
 Chosen by `engine.name`; heavy imports happen only when an engine is built.
 """
@@ -14,4 +15,9 @@ def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinki
 
         return HFEngine.load(model_path, dtype=dtype, device=device, max_batch=engine_cfg.max_batch,
                              thinking=thinking)
+    if engine_cfg.name == "vllm":
+        from oel_hpc.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine.load(model_path, dtype=dtype, max_batch=engine_cfg.max_batch, thinking=thinking,
+                               options=engine_cfg.vllm, tensor_parallel=engine_cfg.vllm.tensor_parallel)
     raise ConfigError("engine.name", f"unknown engine '{engine_cfg.name}'")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                                      TopKLogitsWarper, TopPLogitsWarper)
 
-from oel_hpc.engines.base import Completion
+from oel_hpc.engines.base import ChatPrompts, Completion, stop_token_ids
 from oel_hpc.rollout import derive_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,16 +54,12 @@ class RowSeededSampler(LogitsProcessor):
         return scores - torch.log(-torch.log(u.clamp_(min=torch.finfo(u.dtype).tiny)))
 
 
-class HFEngine:
+class HFEngine(ChatPrompts):
     def __init__(self, model, tokenizer, *, max_batch: int = 256, thinking: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.thinking = max_batch, thinking
-        eos = model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_token_ids = eos
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        self.eos_token_ids = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", device: str = "auto", max_batch: int = 256,
@@ -71,17 +67,6 @@ class HFEngine:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(pick_device(device)).eval()
         return cls(model, tokenizer, max_batch=max_batch, thinking=thinking)
-
-    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
-                                                 enable_thinking=self.thinking, return_dict=False)
-        return list(ids)
-
-    def count_chat_tokens(self, messages: Sequence[dict]) -> int:
-        return len(self.chat_ids(messages))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling, seed: int,
@@ -123,9 +108,4 @@ class HFEngine:
                                                device))
         sequences = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                         generation_config=config, logits_processor=processors)
-        completions = []
-        for row in sequences[:, width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in self.eos_token_ids), None)
-            ids = row if end is None else row[:end + 1]
-            completions.append(Completion(ids, self.tokenizer.decode(ids, skip_special_tokens=True), end is not None))
-        return completions
+        return [self.completion(row) for row in sequences[:, width:].tolist()]

@@ -1,7 +1,9 @@
 """What every stage needs: the config, the run's paths, its hash, and models loaded once per process."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig
@@ -9,6 +11,21 @@ from omegaconf import DictConfig
 from oel_hpc.pipeline import model_path
 from oel_hpc.prompts import PromptBuilder, prompt_budgets
 from oel_hpc.rundir import RunPaths
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """Two model folders whose config.json agree but for the version that wrote them, with the same tokenizer."""
+    from oel_hpc.model_files import TOKENIZER_FILES
+
+    def shape(path: str) -> tuple:
+        config = json.loads((Path(path) / "config.json").read_text())
+        tokenizer = {n: (Path(path) / n).read_bytes() for n in TOKENIZER_FILES if (Path(path) / n).is_file()}
+        return {k: v for k, v in config.items() if k != "transformers_version"}, tokenizer
+
+    try:
+        return shape(a) == shape(b)
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass
@@ -22,7 +39,12 @@ class StageContext:
         return self.hashes[f"r{r}/{stage}"]
 
     def engine(self, path: str):
-        """The generation engine for a model; one stays loaded, so consecutive stages on one model share it."""
+        """The generation engine for a model; one stays loaded, so consecutive stages on one model share it. A vLLM
+        engine takes the weights of another model of the same architecture (the next evaluated checkpoint) in
+        place of a new engine."""
+        if self._engine is not None and self._engine[0] != path and hasattr(self._engine[1], "reload") \
+                and same_architecture(self._engine[0], path) and self._engine[1].reload(path):
+            self._engine = (path, self._engine[1])
         if self._engine is None or self._engine[0] != path:
             from oel_hpc.engines import build_engine
 
