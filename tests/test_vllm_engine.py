@@ -172,11 +172,12 @@ def test_a_model_vllm_cannot_load_is_refused_before_anything_runs(tmp_path):
     shutil.copytree(TINY, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["NotARealModelForCausalLM"]}))
-    out = run_main(["engine=vllm", f"model.path={model}", f"run.root={tmp_path / 'runs'}"], tmp_path)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.path" in lines[0] and "NotARealModelForCausalLM" in lines[0], out.stderr
-    assert not (tmp_path / "runs").exists()
+    for launcher in ([], ["cluster=local_slurm"]):  # Slurm: refused before anything is submitted
+        out = run_main(["engine=vllm", f"model.path={model}", f"run.root={tmp_path / 'runs'}", *launcher], tmp_path)
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "model.path" in lines[0] and "NotARealModelForCausalLM" in lines[0], out.stderr
+        assert not (tmp_path / "runs").exists()
 
 
 def test_engine_vllm_without_vllm_is_one_line_before_anything_runs(tmp_path):
