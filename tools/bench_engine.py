@@ -314,10 +314,15 @@ def ratio(rows: dict, get) -> str:
 
 
 def device_name(a) -> str:
-    if a.device == "cuda":
+    if a.device == "cuda":  # named by nvidia-smi: a CUDA context in this process would hold GPU memory too
         import torch
 
-        return f"{torch.cuda.get_device_name(0)} (1 GPU used of {torch.cuda.device_count()})"
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=30).stdout.split("\n")
+        except (OSError, subprocess.SubprocessError):
+            names = []
+        return f"{names[0].strip() or 'CUDA GPU'} (1 GPU used of {torch.cuda.device_count()})"
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), platform.processor() or "CPU")
     return f"CPU {model}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
@@ -326,8 +331,8 @@ def device_name(a) -> str:
 def print_tables(a, rows: dict, meta: dict) -> None:
     ok = {e: r for e, r in rows.items() if "error" not in r and "skipped" not in r}
     for e, r in rows.items():
-        if e not in ok:
-            print(f"{e}: {r.get('skipped') or 'error: ' + r['error']}")
+        if "error" in r:  # a skipped engine was named when it was skipped
+            print(f"{e}: error: {r['error']}")
     lo, hi = meta["prompt_tokens_min"], meta["prompt_tokens_max"]
     print(f"\ngeneration: batch {a.batch} × {a.new_tokens} new tokens, prompts {lo if lo == hi else f'{lo}–{hi}'} "
           f"tokens, temperature 1, per-row seeds; median of {a.reps} after 1 warm-up")
@@ -393,7 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--game-tokens", type=int, default=None, help="max_new_tokens per game turn (default: "
                                                                 "--new-tokens)")
     p.add_argument("--reps", type=int, default=None, help="timed generate calls (default 3)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM's context (default: min(4096, model's))")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM's context (default: the longest prompt + new tokens, rounded up to 256)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM's GPU share (default: engine.vllm.gpu_memory_utilization)")
     p.add_argument("--cpu-kv-cache-mb", type=int, default=None,
@@ -444,7 +449,6 @@ def main(argv=None) -> int:
 
     folder = model_folder(a)
     context = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
-    a.max_model_len = a.max_model_len or min(4096, context)
     cfg = project_config()
 
     class Chat(ChatPrompts):
@@ -453,7 +457,9 @@ def main(argv=None) -> int:
     prompts = first_turn_prompts(cfg, Chat(), a.batch)
     from oel_hpc.prompts import prompt_budgets
 
+    # a game turn's prompt may grow to the turn budget; vLLM sizes its smallest KV cache for one such sequence
     longest = max(max(map(len, prompts)) + a.new_tokens, prompt_budgets(cfg)[0] + a.game_tokens if a.games else 0)
+    a.max_model_len = a.max_model_len or min(-(-longest // 256) * 256, context)
     if longest > a.max_model_len:
         fail(f"a prompt plus its new tokens may need {longest} tokens, more than --max-model-len {a.max_model_len}")
 
