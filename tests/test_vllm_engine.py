@@ -190,3 +190,13 @@ def test_engine_vllm_without_vllm_is_one_line_before_anything_runs(tmp_path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and "engine.name" in lines[0] and "vLLM is not installed" in lines[0], out.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_compare_engines_tool_finds_the_tiny_models_games_identical():
+    """tools/compare_engines.py: the same held-out games played greedily through both engines."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "tools/compare_engines.py", "--games", "4", "--new-tokens", "16",
+                          "--enforce-eager", "evaluate.games=4"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "of 4 games identical" in out.stdout and " 0 of " not in out.stdout
