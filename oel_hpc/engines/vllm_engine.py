@@ -70,6 +70,7 @@ class VLLMEngine(ChatPrompts):
              tensor_parallel: Optional[int] = None, colocated: bool = False) -> "VLLMEngine":
         for key, value in _VLLM_ENV.items():
             os.environ.setdefault(key, value)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # load_weights passes tensors by reference: required
         import torch
         from transformers import AutoTokenizer
         from vllm import LLM
