@@ -47,7 +47,7 @@ def check_job_python(cfg: DictConfig, run_dir: Path) -> None:
     c = cfg.cluster
     python = job_python(cfg)
     packages = ("torch", "transformers") + (("vllm",) if cfg.engine.name == "vllm" else ())
-    argv = [python, "-c", _PROBE.format(packages=packages)]
+    argv = [python, "-c", _PROBE.replace("{packages}", repr(packages))]
     if c.container is not None:
         if c.container_runtime != "apptainer" or shutil.which("apptainer") is None:
             why = ("apptainer is not installed here" if c.container_runtime == "apptainer"
