@@ -50,6 +50,23 @@ def engine_args(path: str, *, dtype: str, max_batch: int, options, tensor_parall
     return args
 
 
+def _join_process_group() -> dict:
+    """The `vllm.LLM` arguments for an engine started inside a torch.distributed job (consolidation's data-parallel
+    ranks, megatron's): vLLM's own executor would build a world of its own, but this process's default group is
+    already up and vLLM reuses it, so it would split the whole world into tensor-parallel groups of 1 on the
+    wrong device (rank 0's). Its "external launcher" mode is made for that: each rank's engine generates on its
+    own (vLLM's external data parallel), on this rank's device (RANK and LOCAL_RANK, which it reads from the
+    environment: set here where the launcher did not, e.g. Slurm tasks). Every rank must start its engine at the
+    same time (its groups are made collectively), as consolidation does."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    local = torch.cuda.current_device() if torch.cuda.is_available() else dist.get_rank()
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    return {"distributed_executor_backend": "external_launcher"}
+
+
 class VLLMEngine(ChatPrompts):
     def __init__(self, llm, tokenizer, *, path: str, max_batch: int = 256, thinking: bool = False):
         self.llm, self.tokenizer, self.path = llm, tokenizer, path
@@ -76,10 +93,13 @@ class VLLMEngine(ChatPrompts):
 
         if tensor_parallel is None:  # the GPUs this task has (Slurm sets CUDA_VISIBLE_DEVICES); 1 on CPU
             tensor_parallel = max(torch.cuda.device_count(), 1)
+        args = engine_args(path, dtype=dtype, max_batch=max_batch, options=options, tensor_parallel=tensor_parallel,
+                           colocated=colocated)
+        if colocated and torch.distributed.is_initialized():
+            args.update(_join_process_group())
         set_num_threads = torch.set_num_threads
         try:
-            llm = LLM(**engine_args(path, dtype=dtype, max_batch=max_batch, options=options,
-                                    tensor_parallel=tensor_parallel, colocated=colocated))
+            llm = LLM(**args)
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op in its process, which is ours
             torch.set_num_threads = set_num_threads
