@@ -141,10 +141,11 @@ runpy.run_module("oel_hpc.worker", run_name="__main__", alter_sys=True)
 """
 
 
-def with_vllm(src: Path, dst: Path) -> Path:
-    """A copy of a finished run whose consolidation (and what follows) is to be redone with engine=vllm. The engine
-    is in every generating stage's hash: the upstream stages' DONE markers are restamped with their hashes under
-    the new config (their files are what the HF engine made; consolidation only reads them)."""
+def with_vllm(src: Path, dst: Path, **consolidate) -> Path:
+    """A copy of a finished run whose consolidation (and what follows) is to be redone with engine=vllm (and the
+    `consolidate` keys given). The engine is in every generating stage's hash: the upstream stages' DONE markers
+    are restamped with their hashes under the new config (their files are what the HF engine made; consolidation
+    only reads them)."""
     from oel_hpc.config import load_run_config
     from oel_hpc.pipeline import build_dag
 
@@ -152,6 +153,7 @@ def with_vllm(src: Path, dst: Path) -> Path:
     shutil.rmtree(dst / CONSOLIDATE)
     cfg = OmegaConf.load(dst / "config.yaml")
     cfg.engine = OmegaConf.merge(cfg.engine, {"name": "vllm", "vllm": {"enforce_eager": True, "cpu_kv_cache_mb": 64}})
+    cfg.consolidate = OmegaConf.merge(cfg.consolidate, consolidate)
     OmegaConf.save(cfg, dst / "config.yaml")
     for node in build_dag(load_run_config(dst / "config.yaml")):
         if node.round == 1 and node.stage in ("extract", "gather", "deploy"):
@@ -217,3 +219,33 @@ def test_two_ddp_ranks_sample_what_one_process_samples(one_process, small_run, t
     cfg.trainer.parallel = "ddp"
     OmegaConf.save(cfg, run / "config.yaml")
     assert consolidate_recorded(run, 2) == one_process[1]
+
+
+@pytest.mark.slow
+def test_a_resumed_consolidation_samples_with_the_checkpoint_weights(small_run, tmp_path):
+    """Greedy sampling at a learning rate that changes what the student says after one step: a consolidation cut
+    after step 1's checkpoint and resumed samples step 2 as the uninterrupted one did (the engine, started from the
+    round's base model, gets the resumed weights before its first sample), not what the base model says."""
+    from types import SimpleNamespace
+
+    from oel_hpc.engines.hf import HFEngine
+    from tests.test_distributed import cut
+
+    settings = dict(lr=1e-3, sampling={"temperature": 0.0})
+    whole = with_vllm(small_run, tmp_path / "whole", **settings)
+    step2 = [s for s in consolidate_recorded(whole, 1) if s["step"] == 2]
+    resumed = cut(whole, tmp_path / "resumed", keep=1)
+    for f in resumed.glob("samples*.json"):
+        f.unlink()
+    assert consolidate_recorded(resumed, 1) == step2
+
+    # the base model's greedy responses to step 2's rows: not what the trained student sampled
+    cfg = OmegaConf.load(whole / "config.yaml")
+    rows = [json.loads(line) for line in (whole / "round_1/deploy/step_2.jsonl").read_text().splitlines()]
+    base = HFEngine.load(str(TINY), device="cpu")
+    greedy = SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0,
+                             max_new_tokens=cfg.consolidate.sampling.max_new_tokens)
+    said = sorted(row["prompt_token_ids"] + c.token_ids
+                  for row, c in zip(rows, base.generate([r["prompt_token_ids"] for r in rows], greedy, seed=0)))
+    assert len(step2) == len(said)  # every row sampled: the two differ in what a row says
+    assert said != [s["student_ids"] for s in step2]
