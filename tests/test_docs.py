@@ -144,6 +144,8 @@ def test_readme_keeps_the_commands_ci_runs():
     """.ci/run installs and tests with the README's commands; they must stay the same."""
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[test]" torch==2.13.0' in readme and '-e ".[test]" torch==2.13.0' in ci
+    uninstall = "pip uninstall -y torchvision torchaudio torchcodec"  # they break the CPU build of vLLM
+    assert uninstall in readme and uninstall in ci
     assert "python -m pytest -q" in readme and "python -m pytest -q" in ci
 
 

@@ -181,6 +181,13 @@ class VLLMEngine(ChatPrompts):
         self.path = str(path)
         return True
 
+    def close(self) -> None:
+        """Shut the engine down now (its memory, vLLM's process group in this process), so the next engine of
+        this process starts clean; garbage collection would do it at some later point."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
     def sleep(self) -> None:
         """Frees the engine's GPU memory (weights and KV cache) while the trainer steps; a no-op on CPU, where vLLM
         has no sleep mode. `load_weights` then `generate` wake it."""

@@ -22,7 +22,7 @@ PYTHON_CHECK_TIMEOUT_S = 30.0
 # transformers installed (found, not imported: importing torch can take longer than the whole check may)
 _PROBE = "\n".join([
     "import importlib.util, os, oel_hpc, oel_hpc.config, oel_hpc.lifecycle, oel_hpc.pipeline, oel_hpc.worker",
-    "for name in ('torch', 'transformers'):",
+    "for name in {packages}:",
     "    if importlib.util.find_spec(name) is None:",
     "        raise ModuleNotFoundError(f'No module named {name!r}')",
     "print('oel_hpc-probe', os.path.dirname(os.path.abspath(oel_hpc.__file__)))"])
@@ -46,7 +46,8 @@ def check_job_python(cfg: DictConfig, run_dir: Path) -> None:
     that sees other files (another architecture, another mount) can still differ."""
     c = cfg.cluster
     python = job_python(cfg)
-    argv = [python, "-c", _PROBE]
+    packages = ("torch", "transformers") + (("vllm",) if cfg.engine.name == "vllm" else ())
+    argv = [python, "-c", _PROBE.format(packages=packages)]
     if c.container is not None:
         if c.container_runtime != "apptainer" or shutil.which("apptainer") is None:
             why = ("apptainer is not installed here" if c.container_runtime == "apptainer"

@@ -48,7 +48,7 @@ class StageContext:
         if self._engine is None or self._engine[0] != path:
             from oel_hpc.engines import build_engine
 
-            self._engine = None  # free the old model before loading the next
+            self.drop_engine()  # free the old model before loading the next
             m = self.cfg.model
             self._engine = (path, build_engine(self.cfg.engine, path, dtype=m.dtype, device=self.cfg.trainer.device,
                                                thinking=m.thinking))
@@ -67,6 +67,8 @@ class StageContext:
         return AutoTokenizer.from_pretrained(path)
 
     def drop_engine(self) -> None:
+        if self._engine is not None and hasattr(self._engine[1], "close"):
+            self._engine[1].close()
         self._engine = None
 
     def prompt_builder(self, engine) -> PromptBuilder:
