@@ -120,16 +120,29 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> list[Path]:
     c = ctx.cfg.consolidate
     d = d or distributed.Dist(distributed.DistEnv(), distributed.pick_device(ctx.cfg.trainer, 0), None)
     run = _prepare(ctx, r, d)
-    with preemption.StopSignals() as signals:
-        for step in progress(range(run.start + 1, c.steps + 1), desc=f"r{r} consolidate", unit="step",
-                             initial=run.start, total=c.steps, disable=not d.is_main):
-            t0 = time.time()
-            samples, tokens, n_rows = _sample(run, step)
-            sums, grad_norm, skip_reason = _train_step(run, step, samples, tokens)
-            _log_step(run, step, sums, grad_norm, skip_reason, tokens, n_rows, time.time() - t0)
-            _stop_when_skipping(run, step, skip_reason)
-            _save_or_stop(run, step, signals)
-    return _finish(run)
+    finished = False
+    try:
+        with preemption.StopSignals() as signals:
+            for step in progress(range(run.start + 1, c.steps + 1), desc=f"r{r} consolidate", unit="step",
+                                 initial=run.start, total=c.steps, disable=not d.is_main):
+                t0 = time.time()
+                samples, tokens, n_rows = _sample(run, step)
+                sums, grad_norm, skip_reason = _train_step(run, step, samples, tokens)
+                _log_step(run, step, sums, grad_norm, skip_reason, tokens, n_rows, time.time() - t0)
+                _stop_when_skipping(run, step, skip_reason)
+                _save_or_stop(run, step, signals)
+        outputs = _finish(run)
+        d.barrier()  # the export (rank 0) is complete before any rank ends the stage
+        finished = True
+    finally:
+        # vLLM's shutdown also ends the torch.distributed group its engine joined (the trainer's, with several
+        # ranks): only after the stage's last collective. A process of one closes it whatever happened, so a next
+        # stage in the same process starts its engine clean; a rank that failed leaves it to the process's exit.
+        if finished or not d.enabled:
+            close = getattr(run.engine, "close", None)
+            if close is not None:
+                close()
+    return outputs
 
 
 def _prepare(ctx, r: int, d: distributed.Dist) -> Round:
