@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -185,7 +186,6 @@ def consolidate_recorded(run: Path, ranks: int) -> list[dict]:
     """The consolidation of `run` on `ranks` processes (gloo, torchrun's variables); every sample of every step,
     from all ranks, in (step, ids) order."""
     from tests.test_distributed import clean_env, finish, free_port
-    import subprocess
 
     port, procs = free_port(), []
     for rank in range(ranks):
