@@ -3,10 +3,11 @@ the committed tiny model:
 
 - after the trainer's real optimizer steps, the weights pushed into the engine in place (`load_weights` of the
   sampler's parameters) make vLLM's greedy output equal the HF engine's greedy output on the same weights: on the
-  torch backend (one process) and on megatron at tensor parallel 2 (the sampler filled from the gathered TP shards;
-  every rank has its own engine);
+  torch backend (one process; FSDP2 at 2 ranks, the sampler a full copy) and on megatron at tensor parallel 2 (the
+  sampler filled from the gathered TP shards); every rank has its own engine;
 - the consolidation stage runs end to end with engine=vllm, and a row's sample is the same with one process and with
-  two DDP ranks (each rank's engine samples its own rows, per-row seeds).
+  two DDP ranks (each rank's engine samples its own rows, per-row seeds); a resumed one samples with the
+  checkpoint's weights.
 
 Sleep mode (the KV cache released while the trainer steps) is CUDA-only: on CPU `sleep` is a no-op, untested here.
 Every case starts its engines in `python -c` processes (one per rank, as tests/test_precision.run_ranks does), so
@@ -109,6 +110,16 @@ def test_pushed_weights_give_the_hf_greedy_output(tmp_path):
     """torch backend, one process: the sampler is the student itself (float32)."""
     (result,) = run_sync(tmp_path, [])
     assert_synced(result)
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_push_their_full_sampler_copy(tmp_path):
+    """trainer.parallel=fsdp at 2 gloo ranks: the student is sharded, the sampler a full copy refreshed from the
+    shards; each rank pushes it into its own engine."""
+    results = run_sync(tmp_path, ["trainer.parallel=fsdp"], world=2)
+    assert "fsdp" in results[0]["describe"], results[0]["describe"]
+    for result in results:
+        assert_synced(result)
 
 
 @pytest.mark.slow
