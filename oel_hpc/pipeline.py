@@ -40,7 +40,7 @@ STAGE_KEYS = {
     "deploy": ("env", "prompts", "experience.max_tokens", "extract.sampling.max_new_tokens", "deploy", "engine",
                "trainer.device", "pipeline.seed"),
     "consolidate": ("env.name", "env.max_turns", "prompts", "experience.max_tokens",
-                    "extract.sampling.max_new_tokens", "consolidate", "engine.max_batch", "trainer",
+                    "extract.sampling.max_new_tokens", "consolidate", "engine", "trainer",
                     "pipeline.seed"),
     "evaluate": ("env", "prompts", "experience.max_tokens", "extract.sampling.max_new_tokens", "evaluate", "engine",
                  "trainer.device", "trainer.dtype", "trainer.master_dtype", "trainer.export_dtype",

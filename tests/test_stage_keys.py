@@ -124,6 +124,8 @@ def test_a_stage_hash_changes_with_exactly_the_keys_it_and_its_upstream_declare(
     ("trainer.device", {"extract", "deploy", "consolidate", "evaluate"}),
     ("trainer.parallel", {"consolidate"}),
     ("engine.max_batch", {"extract", "deploy", "consolidate", "evaluate"}),
+    ("engine.name", {"extract", "deploy", "consolidate", "evaluate"}),  # consolidation samples with it (engine=vllm)
+    ("engine.vllm.max_num_batched_tokens", {"extract", "deploy", "consolidate", "evaluate"}),
     ("extract.use_step", {"gather"}),
     ("env.generator", {"extract", "deploy", "evaluate"}),
     ("evaluate.games", {"evaluate"}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -50,6 +51,34 @@ def engine_args(path: str, *, dtype: str, max_batch: int, options, tensor_parall
     return args
 
 
+@contextmanager
+def _joining_process_group(args: dict):
+    """Adds to the `vllm.LLM` arguments what an engine started inside a torch.distributed job needs (consolidation's
+    data-parallel ranks, megatron's), for the engine's start. vLLM's default executor reuses the process group
+    that is already up, but puts its worker on device 0 of every rank (its local rank is 0). Its "external
+    launcher" mode is made for engines inside a launched job: each rank's engine generates on its own (vLLM's
+    external data parallel) on the device of LOCAL_RANK, which it reads from the environment with RANK: here the
+    trainer's device and this rank, set while the engine starts (then restored: Slurm tasks have neither).
+    Every rank must start its engine at the same time (its groups are made collectively), as consolidation does."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        yield args
+        return
+    local = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    saved = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK")}
+    os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(local))
+    try:
+        yield {**args, "distributed_executor_backend": "external_launcher"}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class VLLMEngine(ChatPrompts):
     def __init__(self, llm, tokenizer, *, path: str, max_batch: int = 256, thinking: bool = False):
         self.llm, self.tokenizer, self.path = llm, tokenizer, path
@@ -77,10 +106,12 @@ class VLLMEngine(ChatPrompts):
 
         if tensor_parallel is None:  # the GPUs this task has (Slurm sets CUDA_VISIBLE_DEVICES); 1 on CPU
             tensor_parallel = max(torch.cuda.device_count(), 1)
+        args = engine_args(path, dtype=dtype, max_batch=max_batch, options=options, tensor_parallel=tensor_parallel,
+                           colocated=colocated)
         set_num_threads = torch.set_num_threads
         try:
-            llm = LLM(**engine_args(path, dtype=dtype, max_batch=max_batch, options=options,
-                                    tensor_parallel=tensor_parallel, colocated=colocated))
+            with _joining_process_group(args) if colocated else nullcontext(args) as args:
+                llm = LLM(**args)
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op in its process, which is ours
             torch.set_num_threads = set_num_threads

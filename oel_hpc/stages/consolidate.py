@@ -17,6 +17,7 @@ def run(ctx: StageContext, r: int, task=None) -> list[Path]:
 
     ctx.drop_engine()  # the trainer holds its own student and teacher
     with distributed.process_group(ctx.cfg.trainer) as d:
-        outputs = consolidate(ctx, r, d)  # rank 0's list; the others get [] (only rank 0 writes DONE)
-        d.barrier()  # the export (rank 0) is complete before any rank ends the stage
-    return outputs
+        # rank 0's list; the others get [] (only rank 0 writes DONE). Every rank returns once the export (rank 0)
+        # is complete: consolidate ends with a barrier (its last collective: a vLLM engine's shutdown may end the
+        # process group)
+        return consolidate(ctx, r, d)

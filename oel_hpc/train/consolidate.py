@@ -14,6 +14,11 @@ shards it (FSDP2) by `trainer.parallel`; `megatron` (train/megatron/) splits it 
 data-parallel ranks being world / trainer.tp. The loop below is the same for both: it asks of a backend only
 what train/backend.py lists.
 
+Sampling engine (`engine.name`): `hf` generates with the trainer's sampler itself; `vllm` starts one vLLM engine per
+rank (tensor parallel 1, colocated with the trainer on the rank's device) and pushes the sampler's weights into it
+in place before every sample, then puts it to sleep while the trainer steps (GPU: its KV cache and weights are
+released; nothing on CPU). Either way a row's response depends only on its prompt, its seed and the weights.
+
 A round: `consolidate` prepares (`_prepare`: experience, models, a resumed checkpoint), then per step `_sample`
 (on-policy responses, the teacher's prompts) → `_train_step` (loss, gradients, update) → `_log_step` →
 `_save_or_stop` (checkpoint; a stop signal ends here), then exports the weights (`_finish`).
@@ -38,7 +43,7 @@ from oel_hpc.rundir import read_jsonl
 from oel_hpc.train import checkpoint, distributed, preemption
 from oel_hpc.train.backend import TrainerBackend
 from oel_hpc.train.metrics import MetricsLog
-from oel_hpc.train.precision import Precision
+from oel_hpc.train.precision import NAMES, Precision
 from oel_hpc.train.torch.trainer import TorchTrainer
 
 log = get_logger(__name__)
@@ -87,7 +92,7 @@ class Round:
     experiences: list[str]  # non-empty texts (or [""] when empty ones are allowed)
     tokenizer: object
     trainer: TrainerBackend
-    engine: HFEngine
+    engine: object  # generates the student's responses (HFEngine or VLLMEngine); also the prompt side (chat_ids)
     builder: object  # the prompt builder: the teacher's prompt x ⊕ e
     actions: list[str]
     start: int  # the step of the checkpoint resumed from (0: none)
@@ -115,16 +120,29 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> list[Path]:
     c = ctx.cfg.consolidate
     d = d or distributed.Dist(distributed.DistEnv(), distributed.pick_device(ctx.cfg.trainer, 0), None)
     run = _prepare(ctx, r, d)
-    with preemption.StopSignals() as signals:
-        for step in progress(range(run.start + 1, c.steps + 1), desc=f"r{r} consolidate", unit="step",
-                             initial=run.start, total=c.steps, disable=not d.is_main):
-            t0 = time.time()
-            samples, tokens, n_rows = _sample(run, step)
-            sums, grad_norm, skip_reason = _train_step(run, step, samples, tokens)
-            _log_step(run, step, sums, grad_norm, skip_reason, tokens, n_rows, time.time() - t0)
-            _stop_when_skipping(run, step, skip_reason)
-            _save_or_stop(run, step, signals)
-    return _finish(run)
+    finished = False
+    try:
+        with preemption.StopSignals() as signals:
+            for step in progress(range(run.start + 1, c.steps + 1), desc=f"r{r} consolidate", unit="step",
+                                 initial=run.start, total=c.steps, disable=not d.is_main):
+                t0 = time.time()
+                samples, tokens, n_rows = _sample(run, step)
+                sums, grad_norm, skip_reason = _train_step(run, step, samples, tokens)
+                _log_step(run, step, sums, grad_norm, skip_reason, tokens, n_rows, time.time() - t0)
+                _stop_when_skipping(run, step, skip_reason)
+                _save_or_stop(run, step, signals)
+        outputs = _finish(run)
+        d.barrier()  # the export (rank 0) is complete before any rank ends the stage
+        finished = True
+    finally:
+        # vLLM's shutdown also ends the torch.distributed group its engine joined (the trainer's, with several
+        # ranks): only after the stage's last collective. A process of one closes it whatever happened, so a next
+        # stage in the same process starts its engine clean; a rank that failed leaves it to the process's exit.
+        if finished or not d.enabled:
+            close = getattr(run.engine, "close", None)
+            if close is not None:
+                close()
+    return outputs
 
 
 def _prepare(ctx, r: int, d: distributed.Dist) -> Round:
@@ -150,7 +168,7 @@ def _prepare(ctx, r: int, d: distributed.Dist) -> Round:
     trainer = build_trainer(cfg, base, d)
     if c.topk > trainer.vocab_size:
         raise ValueError(f"consolidate.topk: k={c.topk} is larger than the vocabulary ({trainer.vocab_size})")
-    engine = HFEngine(trainer.sampler, tokenizer, max_batch=cfg.engine.max_batch, thinking=cfg.model.thinking)
+    engine = build_sampling_engine(cfg, base, trainer, tokenizer)
     builder = ctx.prompt_builder(engine)
     actions = make_game(cfg.env.name, 0).action_words
 
@@ -163,6 +181,20 @@ def _prepare(ctx, r: int, d: distributed.Dist) -> Round:
     # a resumed run goes on counting the skipped steps its checkpoint ended with (rank 0 holds the rows)
     return Round(ctx, r, d, stage_hash, experiences, tokenizer, trainer, engine, builder, actions, start, metrics,
                  d.broadcast(skipped_at_end(metrics.rows)))
+
+
+def build_sampling_engine(cfg, base, trainer: TrainerBackend, tokenizer):
+    """The engine the student samples with: HF generate on the trainer's sampler, or (engine=vllm) a vLLM engine of
+    this rank on the round's base model, colocated with the trainer (its own share of the GPU, sleep mode), in the
+    trainer's compute dtype. Tensor parallel 1: every data-parallel rank samples its own rows, as with HF; the
+    weights it samples with are pushed in before every sample (_sample)."""
+    if cfg.engine.name == "vllm":
+        from oel_hpc.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine.load(str(base), dtype=NAMES[Precision.from_config(cfg.trainer).compute],
+                               max_batch=cfg.engine.max_batch, thinking=cfg.model.thinking, options=cfg.engine.vllm,
+                               tensor_parallel=1, colocated=True)
+    return HFEngine(trainer.sampler, tokenizer, max_batch=cfg.engine.max_batch, thinking=cfg.model.thinking)
 
 
 def skipped_at_end(rows: list[dict]) -> list[int]:
@@ -186,10 +218,15 @@ def _sample(run: Round, step: int) -> tuple[list[Sample], int, int]:
     mine = distributed.partition_by_tokens([len(row["prompt_token_ids"]) for row in rows],
                                            trainer.dp_size)[trainer.dp_rank]
 
-    trainer.refresh_sampler()
+    trainer.refresh_sampler()  # a collective where the student is split: every rank, even one with no rows
+    pushed = cfg.engine.name == "vllm"
+    if pushed:  # the student's current weights into the engine, in place; a resumed run's first step too
+        engine.load_weights(trainer.sampler.named_parameters())
     responses = engine.generate(
         [rows[i]["prompt_token_ids"] for i in mine], cfg.consolidate.sampling, seed=0,
         row_seeds=[derive_seed("student", cfg.pipeline.seed, r, step, i) for i in mine]) if mine else []
+    if pushed:
+        engine.sleep()  # on GPU its memory goes back to the trainer until the next sample (a no-op on CPU)
     samples = []
     for i, y in zip(mine, responses):
         if not y.token_ids:
