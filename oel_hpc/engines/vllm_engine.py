@@ -192,7 +192,8 @@ class VLLMEngine(ChatPrompts):
     def sleep(self) -> None:
         """Frees the engine's GPU memory (weights and KV cache) while the trainer steps; a no-op on CPU, where vLLM
         has no sleep mode. `load_weights` then `generate` wake it."""
-        if _cuda() and not self.asleep:
+        if _cuda() and self.asleep != {"weights", "kv_cache"}:
+            self.wake_up(["weights", "kv_cache"])  # half awake (weights pushed, nothing sampled): vLLM sleeps whole
             self.llm.sleep(level=2)  # level 2 drops the weights too: the next step loads new ones anyway
             self.asleep = {"weights", "kv_cache"}
 
