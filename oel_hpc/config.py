@@ -284,7 +284,7 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.85  # extract, deploy, evaluate: the engine has the GPU to itself
     colocated_gpu_memory_utilization: float = 0.3  # consolidation: the engine shares the GPU with the trainer
     cpu_kv_cache_mb: int = 256  # the CPU build's KV cache
-    max_model_len: Optional[int] = None  # null = the model's context
+    max_model_len: Optional[int] = None  # null = the longest prompt + answer the budgets allow
     max_num_batched_tokens: int = 32768
     prefix_caching: bool = False  # faster for prompts sharing a prefix; off: every prompt's KV computed alike
     enforce_eager: bool = False  # true: no CUDA graphs / torch.compile (starts faster)

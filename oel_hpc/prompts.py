@@ -51,6 +51,17 @@ def prompt_budgets(cfg: Any) -> tuple[int, int]:
     return turn, extractor
 
 
+def context_needed(cfg: Any, stage: str) -> int:
+    """The most tokens one of a stage's prompts at its budget plus its answer may take (a game turn; in extract also
+    the extractor's): what an engine that sizes its sequences (vLLM's max_model_len) must hold. Read from keys in the
+    stage's own config hash; the figure itself changes no result."""
+    turn, extractor = prompt_budgets(cfg)
+    need = turn + cfg[stage].sampling.max_new_tokens
+    if stage == "extract":
+        need = max(need, extractor + cfg.extract.extractor_sampling.max_new_tokens)
+    return need
+
+
 def check_context(cfg: Any, context: int) -> None:
     """A prompt at its budget plus the new tokens it may get must fit the model's context (max_position_embeddings):
     beyond it a model's output is not what it was trained for."""

@@ -140,7 +140,7 @@ def test_weights_loaded_in_place_give_hfs_greedy_output(engines, model_dir):
     assert ids(vllm_engine.generate(ps, GREEDY, seed=0)) == before
 
 
-def test_a_checkpoint_folder_replaces_the_weights_of_the_same_engine(engines, model_dir, tmp_path):
+def test_a_checkpoint_folder_replaces_the_weights_of_the_same_engine(engines, model_dir, tmp_path, cfg_factory):
     """Evaluation of several checkpoints in one process: one engine, the next checkpoint's weights read in."""
     from oel_hpc.stages.common import StageContext
 
@@ -150,12 +150,11 @@ def test_a_checkpoint_folder_replaces_the_weights_of_the_same_engine(engines, mo
     changed.model.save_pretrained(checkpoint)
     changed.tokenizer.save_pretrained(checkpoint)
     ps = prompts(vllm_engine)
-    cfg = OmegaConf.create({"engine": {"name": "vllm", "max_batch": 256, "vllm": OPTIONS},
-                            "model": {"dtype": "float32", "thinking": False}, "trainer": {"device": "cpu"}})
+    cfg = cfg_factory(["engine=vllm", "trainer.device=cpu"])
     ctx = StageContext(cfg, paths=None, hashes={}, _engine=(str(model_dir), vllm_engine))
-    assert ctx.engine(str(checkpoint)) is vllm_engine
+    assert ctx.engine(str(checkpoint), "evaluate") is vllm_engine
     assert ids(vllm_engine.generate(ps, GREEDY, seed=0)) == ids(changed.generate(ps, GREEDY, seed=0))
-    assert ctx.engine(str(model_dir)) is vllm_engine
+    assert ctx.engine(str(model_dir), "evaluate") is vllm_engine
     assert ids(vllm_engine.generate(ps, GREEDY, seed=0)) == ids(hf.generate(ps, GREEDY, seed=0))
 
 
@@ -200,3 +199,23 @@ def test_compare_engines_tool_finds_the_tiny_models_games_identical():
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "of 4 games identical" in out.stdout and " 0 of " not in out.stdout
+
+
+def test_the_engine_holds_what_the_run_needs_not_the_models_whole_context(cfg_factory):
+    """vLLM refuses to start when its KV cache cannot hold one sequence of max_model_len: SmolLM2's 8,192-token
+    context needs 0.35 GiB in float32, more than the CPU default of 256 MB, while its recipe needs 1,344 tokens."""
+    from oel_hpc.engines.vllm_engine import engine_args
+    from oel_hpc.prompts import context_needed, prompt_budgets
+
+    cfg = cfg_factory(["experiment=smollm2_frozenlake", "engine=vllm"])
+    turn, extractor = prompt_budgets(cfg)
+    assert context_needed(cfg, "deploy") == turn + cfg.deploy.sampling.max_new_tokens
+    needed = context_needed(cfg, "extract")
+    assert needed == max(turn + cfg.extract.sampling.max_new_tokens,
+                         extractor + cfg.extract.extractor_sampling.max_new_tokens) < 8192
+    args = engine_args("m", dtype="float32", max_batch=8, options=cfg.engine.vllm, tensor_parallel=1,
+                       colocated=False, context=needed)
+    assert args["max_model_len"] == needed and args["kv_cache_memory_bytes"] == 256 << 20
+    chosen = OmegaConf.merge(cfg.engine.vllm, {"max_model_len": 4096})
+    assert engine_args("m", dtype="float32", max_batch=8, options=chosen, tensor_parallel=1, colocated=False,
+                       context=needed)["max_model_len"] == 4096

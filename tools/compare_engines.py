@@ -41,7 +41,7 @@ def main() -> int:
     from oel_hpc.engines.hf import HFEngine
     from oel_hpc.engines.vllm_engine import VLLMEngine
     from oel_hpc.games.seeds import heldout_seeds
-    from oel_hpc.prompts import PromptBuilder, prompt_budgets
+    from oel_hpc.prompts import PromptBuilder, context_needed, prompt_budgets
     from oel_hpc.rollout import game_rules, play_games
 
     cfg = compose(args.overrides)
@@ -51,7 +51,7 @@ def main() -> int:
     seeds = heldout_seeds(args.games, cfg.env.seeds)
     engines = {"hf": lambda: HFEngine.load(path, dtype=cfg.model.dtype, device="auto", thinking=cfg.model.thinking),
                "vllm": lambda: VLLMEngine.load(path, dtype=cfg.model.dtype, thinking=cfg.model.thinking,
-                                               options=options)}
+                                               options=options, context=context_needed(cfg, "evaluate"))}
     played = {}
     for name, load in engines.items():
         start = time.perf_counter()

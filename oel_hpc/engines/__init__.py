@@ -5,11 +5,15 @@ Chosen by `engine.name`; heavy imports happen only when an engine is built.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from oel_hpc.engines.base import Completion  # noqa: F401  (the engines' result type)
 from oel_hpc.errors import ConfigError
 
 
-def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinking: bool):
+def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinking: bool,
+                 context: Optional[int] = None):
+    """`context`: the longest prompt plus answer the run may need (vLLM sizes its sequences by it)."""
     if engine_cfg.name == "hf":
         from oel_hpc.engines.hf import HFEngine
 
@@ -19,5 +23,6 @@ def build_engine(engine_cfg, model_path: str, *, dtype: str, device: str, thinki
         from oel_hpc.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine.load(model_path, dtype=dtype, max_batch=engine_cfg.max_batch, thinking=thinking,
-                               options=engine_cfg.vllm, tensor_parallel=engine_cfg.vllm.tensor_parallel)
+                               options=engine_cfg.vllm, tensor_parallel=engine_cfg.vllm.tensor_parallel,
+                               context=context)
     raise ConfigError("engine.name", f"unknown engine '{engine_cfg.name}'")

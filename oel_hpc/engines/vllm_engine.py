@@ -33,11 +33,15 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def engine_args(path: str, *, dtype: str, max_batch: int, options, tensor_parallel: int, colocated: bool) -> dict:
+def engine_args(path: str, *, dtype: str, max_batch: int, options, tensor_parallel: int, colocated: bool,
+                context: Optional[int] = None) -> dict:
     """The `vllm.LLM` arguments for a model folder. `colocated`: consolidation, where the engine shares the GPU with
-    the trainer (its own memory fraction, and sleep mode so the KV cache is freed while the trainer steps)."""
+    the trainer (its own memory fraction, and sleep mode so the KV cache is freed while the trainer steps).
+    `context`: the longest prompt plus answer the run may need (prompts.context_needed), the engine's max_model_len
+    unless engine.vllm.max_model_len says otherwise: vLLM refuses to start when its KV cache cannot hold one sequence
+    of max_model_len, and a model's own context (SmolLM2: 8192) is often far more than a run needs."""
     args = dict(model=path, tokenizer=path, dtype=dtype, seed=0, tensor_parallel_size=tensor_parallel,
-                max_num_seqs=max_batch, max_model_len=options.max_model_len,
+                max_num_seqs=max_batch, max_model_len=options.max_model_len or context,
                 # chunked prefill of seeded requests crashed the CPU engine at the default 4096 batched tokens
                 # ("CPU Generator does not use offset", 3 of 5 runs of 128 × 64); none at 32768
                 max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_caching=options.prefix_caching,
@@ -92,11 +96,13 @@ class VLLMEngine(ChatPrompts):
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         config = json.loads((Path(path) / "config.json").read_text())
         self.tied_embeddings = bool(config.get("tie_word_embeddings", False))
+        self.max_model_len = llm.llm_engine.model_config.max_model_len  # the longest prompt + answer it takes
         self.asleep: set[str] = set()  # the parts sleep mode released: weights, kv_cache
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", max_batch: int = 256, thinking: bool = False, options,
-             tensor_parallel: Optional[int] = None, colocated: bool = False) -> "VLLMEngine":
+             tensor_parallel: Optional[int] = None, colocated: bool = False,
+             context: Optional[int] = None) -> "VLLMEngine":
         for key, value in _VLLM_ENV.items():
             os.environ.setdefault(key, value)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # load_weights passes tensors by reference: required
@@ -107,7 +113,7 @@ class VLLMEngine(ChatPrompts):
         if tensor_parallel is None:  # the GPUs this task has (Slurm sets CUDA_VISIBLE_DEVICES); 1 on CPU
             tensor_parallel = max(torch.cuda.device_count(), 1)
         args = engine_args(path, dtype=dtype, max_batch=max_batch, options=options, tensor_parallel=tensor_parallel,
-                           colocated=colocated)
+                           colocated=colocated, context=context)
         set_num_threads = torch.set_num_threads
         try:
             with _joining_process_group(args) if colocated else nullcontext(args) as args:

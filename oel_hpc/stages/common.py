@@ -9,7 +9,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from oel_hpc.pipeline import model_path
-from oel_hpc.prompts import PromptBuilder, prompt_budgets
+from oel_hpc.prompts import PromptBuilder, context_needed, prompt_budgets
 from oel_hpc.rundir import RunPaths
 
 
@@ -38,10 +38,14 @@ class StageContext:
     def stage_hash(self, r: int, stage: str) -> str:
         return self.hashes[f"r{r}/{stage}"]
 
-    def engine(self, path: str):
+    def engine(self, path: str, stage: str):
         """The generation engine for a model; one stays loaded, so consecutive stages on one model share it. A vLLM
         engine takes the weights of another model of the same architecture (the next evaluated checkpoint) in
-        place of a new engine."""
+        place of a new engine, and is rebuilt for a stage whose prompts and answers need longer sequences than it
+        was sized for."""
+        context = context_needed(self.cfg, stage)
+        if self._engine is not None and getattr(self._engine[1], "max_model_len", context) < context:
+            self.drop_engine()
         if self._engine is not None and self._engine[0] != path and hasattr(self._engine[1], "reload") \
                 and same_architecture(self._engine[0], path) and self._engine[1].reload(path):
             self._engine = (path, self._engine[1])
@@ -51,11 +55,11 @@ class StageContext:
             self.drop_engine()  # free the old model before loading the next
             m = self.cfg.model
             self._engine = (path, build_engine(self.cfg.engine, path, dtype=m.dtype, device=self.cfg.trainer.device,
-                                               thinking=m.thinking))
+                                               thinking=m.thinking, context=context))
         return self._engine[1]
 
-    def round_engine(self, r: int):
-        return self.engine(model_path(self.cfg, self.paths, r))
+    def round_engine(self, r: int, stage: str):
+        return self.engine(model_path(self.cfg, self.paths, r), stage)
 
     def tokenizer(self, r: int):
         """The round model's tokenizer, without loading its weights when no engine holds them already."""

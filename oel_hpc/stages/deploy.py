@@ -14,7 +14,7 @@ from oel_hpc.stages.common import StageContext
 
 def run(ctx: StageContext, r: int, task=None) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
-    engine = ctx.round_engine(r)
+    engine = ctx.round_engine(r, "deploy")
     builder = ctx.prompt_builder(engine)
     policy = paths.display(model_path(cfg, paths, r))
     outputs = []

@@ -36,7 +36,7 @@ def scores(games: list[GameResult]) -> dict:
 def run(ctx: StageContext, r: int, step: int) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
     model = checkpoint_model(ctx, r, step)
-    engine = ctx.engine(model)
+    engine = ctx.engine(model, "evaluate")
     builder = ctx.prompt_builder(engine)
     seeds = heldout_seeds(cfg.evaluate.games, cfg.env.seeds)
 

@@ -20,7 +20,7 @@ logger = log.get_logger(__name__)
 
 def run(ctx: StageContext, r: int, seed: int) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
-    engine = ctx.round_engine(r)
+    engine = ctx.round_engine(r, "extract")
     builder = ctx.prompt_builder(engine)
     fmt = exp.ExperienceFormat(cfg.experience.mode, cfg.experience.marker, cfg.experience.parse)
     sampling = cfg.extract.sampling

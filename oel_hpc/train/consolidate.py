@@ -38,6 +38,7 @@ from oel_hpc.experience import load_experience_list
 from oel_hpc.games import make_game
 from oel_hpc.log import get_logger, progress
 from oel_hpc.pipeline import model_path
+from oel_hpc.prompts import context_needed
 from oel_hpc.rollout import derive_seed
 from oel_hpc.rundir import read_jsonl
 from oel_hpc.train import checkpoint, distributed, preemption
@@ -193,7 +194,7 @@ def build_sampling_engine(cfg, base, trainer: TrainerBackend, tokenizer):
 
         return VLLMEngine.load(str(base), dtype=NAMES[Precision.from_config(cfg.trainer).compute],
                                max_batch=cfg.engine.max_batch, thinking=cfg.model.thinking, options=cfg.engine.vllm,
-                               tensor_parallel=1, colocated=True)
+                               tensor_parallel=1, colocated=True, context=context_needed(cfg, "consolidate"))
     return HFEngine(trainer.sampler, tokenizer, max_batch=cfg.engine.max_batch, thinking=cfg.model.thinking)
 
 
