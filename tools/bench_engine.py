@@ -120,12 +120,9 @@ def model_folder(a) -> Path:
 
 def project_config():
     """The embedded default config (experiment=tiny): its prompt set, Frozen Lake rules and prompt budgets."""
-    from hydra import compose, initialize_config_dir
+    from oel_hpc.__main__ import compose_config
 
-    from oel_hpc.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config")
+    return compose_config([])
 
 
 def first_turn_prompts(cfg, chat, n: int) -> list[list[int]]:

@@ -13,19 +13,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from oel_hpc.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,6 +24,7 @@ def main() -> int:
 
     from omegaconf import OmegaConf
 
+    from oel_hpc.__main__ import compose_config
     from oel_hpc.config import resolve_model_dir
     from oel_hpc.engines.hf import HFEngine
     from oel_hpc.engines.vllm_engine import VLLMEngine
@@ -44,7 +32,7 @@ def main() -> int:
     from oel_hpc.prompts import PromptBuilder, context_needed, prompt_budgets
     from oel_hpc.rollout import game_rules, play_games
 
-    cfg = compose(args.overrides)
+    cfg = compose_config(args.overrides)
     path = str(resolve_model_dir(cfg.model.path) or cfg.model.path)
     options = OmegaConf.merge(cfg.engine.vllm, {"enforce_eager": args.enforce_eager or cfg.engine.vllm.enforce_eager})
     sampling = OmegaConf.merge(cfg.evaluate.sampling, {"temperature": 0.0, "max_new_tokens": args.new_tokens})

@@ -14,15 +14,11 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from oel_hpc import log
 from oel_hpc.engines.base import ChatPrompts, Completion, stop_token_ids
 from oel_hpc.engines.hf import row_seeds_for
 
-logger = log.get_logger(__name__)
-
 # Read by vLLM when it starts an engine, not at import: set before the first LLM(...)
-_VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: weights by reference
-             "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",  # compute nodes are offline; nothing phones home
+_VLLM_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",  # compute nodes are offline; nothing phones home
              "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # our process already chose its threads (ranks.py)
              "VLLM_LOGGING_LEVEL": "WARNING"}
 
@@ -175,16 +171,27 @@ class VLLMEngine(ChatPrompts):
 
     def reload(self, path: str) -> bool:
         """The weights of another Hugging Face folder of the same architecture (an evaluated checkpoint), read
-        here and passed by reference; False where the engine runs in other processes (tensor parallel): build a
-        new one then."""
+        here and passed by reference. False, to build a new engine instead, where the engine runs in other
+        processes (tensor parallel), or where the folder does not name the same tensors as the one loaded: an
+        in-place reload keeps the old values of any tensor it is not given, a new engine refuses to start."""
         if self.llm.llm_engine.vllm_config.parallel_config.world_size > 1:
             return False
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{path} has no *.safetensors weights")
-        self.load_weights(pair for f in files for pair in load_file(f).items())
+        def files(folder: str) -> list[Path]:
+            return sorted(Path(folder).glob("*.safetensors"))
+
+        def names(folder: str) -> set[str]:
+            found: set[str] = set()
+            for f in files(folder):
+                with safe_open(str(f), framework="pt") as weights:
+                    found.update(weights.keys())
+            return found - {"lm_head.weight"} if self.tied_embeddings else found  # _complete adds it
+
+        if not files(path) or names(path) != names(self.path):
+            return False
+        self.load_weights(pair for f in files(path) for pair in load_file(f).items())
         self.path = str(path)
         return True
 
