@@ -313,6 +313,12 @@ class RunPaths:
                   "consolidate": self.consolidate_dir(r)}[stage]
         return folder / "DONE"
 
+    def progress(self, r: int, stage: str, task: Optional[int] = None) -> Path:
+        """A task's progress record (progress.jsonl: one JSON row per unit of work done, rewritten atomically),
+        beside its DONE marker; what the dashboard's step k/K, ETA and curves read while the task runs."""
+        done = self.done(r, stage, task)
+        return done.with_name("progress.jsonl" if done.name == "DONE" else f"progress.{done.name[5:]}.jsonl")
+
     def started(self, r: int, stage: str, task: Optional[int] = None) -> Path:
         """Written when a task starts (the config hash it runs under), removed when its DONE is written."""
         done = self.done(r, stage, task)
