@@ -264,8 +264,10 @@ class Runner:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading squeue and sacct
 
-SQUEUE_FORMAT = "%i|%T|%M|%R|%N"
-SACCT_FIELDS = ("JobID", "JobName", "State", "Elapsed", "ExitCode", "NodeList", "Start", "End")
+# %L: time left before the time limit (running); %S: actual or expected start (pending: Slurm's estimate)
+SQUEUE_FORMAT = "%i|%T|%M|%R|%N|%L|%S"
+SACCT_FIELDS = ("JobID", "JobName", "State", "Elapsed", "ExitCode", "NodeList", "Start", "End", "Submit")
+_SACCT_NEEDED = 8  # rows without the last fields (Submit) still read
 
 
 def _time(text: Optional[str]) -> Optional[str]:
@@ -282,35 +284,45 @@ def _expanded(rows: dict, job_id: str, info: dict) -> None:
 
 
 def parse_squeue(out: str) -> dict:
-    """{(job, task or None): {state, reason, elapsed_s, node}} from `squeue -o '%i|%T|%M|%R|%N'`; a compressed
-    pending array (`123_[2-5%2]`) becomes one row per task."""
+    """{(job, task or None): {state, reason, elapsed_s, node, time_left_s, expected_start}} from `squeue -o
+    SQUEUE_FORMAT`; a compressed pending array (`123_[2-5%2]`) becomes one row per task. `expected_start`: %S of a
+    pending job (Slurm's estimate, None when it has none); `time_left_s`: %L of a running job."""
     rows: dict = {}
     for line in out.splitlines():
         values = line.strip().split("|")
         if len(values) < 5:
             continue
         job_id, state, elapsed, reason_or_nodes, nodes = values[:5]
+        left, start = (values[5:7] + [None, None])[:2]
         reason = reason_or_nodes[1:-1] if reason_or_nodes.startswith("(") else None  # %R: (reason) or nodes
+        pending = phase(state) == PENDING
         _expanded(rows, job_id, {"state": state, "reason": reason if reason not in ("None", "") else None,
-                                 "elapsed_s": seconds_of(elapsed), "node": nodes or None})
+                                 "elapsed_s": seconds_of(elapsed), "node": nodes or None,
+                                 "time_left_s": None if pending else seconds_of(left),
+                                 "expected_start": _time(start) if pending else None})
     return rows
 
 
 def parse_sacct(out: str) -> dict:
     """{(job, task or None): row} from `sacct -X -n -P --format=<SACCT_FIELDS>`; compressed pending rows
     (`123_[2-5]`) are expanded; a bare `123` row of an array (sacct shows one briefly right after the tasks ran)
-    stays under task None. Of several rows of one job (a requeued job with --duplicates) the last, newest, wins."""
+    stays under task None. Of several rows of one job (a requeued job with --duplicates) the last, newest, wins;
+    `restarts` counts the rows before it (each requeue leaves one)."""
     rows: dict = {}
     for line in out.splitlines():
         values = line.split("|")
-        if len(values) < len(SACCT_FIELDS):
+        if len(values) < _SACCT_NEEDED:
             continue
         row = dict(zip(SACCT_FIELDS, values))
         node = row["NodeList"] if row["NodeList"] not in ("", "None assigned", "(null)") else None
+        parsed = parse_job_id(row["JobID"])
+        one = parsed is not None and (parsed[1] is None or len(parsed[1]) == 1)  # not a compressed pending row
+        earlier = rows.get((parsed[0], min(parsed[1]) if parsed[1] else None)) if one else None
         _expanded(rows, row["JobID"], {
+            "restarts": earlier["restarts"] + 1 if earlier is not None else 0,
             "state": row["State"].split(" ")[0], "reason": None, "elapsed_s": seconds_of(row["Elapsed"]),
             "exit_code": row["ExitCode"] or None, "node": node, "name": row["JobName"] or None,
-            "start": _time(row["Start"]), "end": _time(row["End"])})
+            "start": _time(row["Start"]), "end": _time(row["End"]), "submit": _time(row.get("Submit"))})
     return rows
 
 
@@ -349,12 +361,14 @@ class Slurm:
                        changes=False, nothing_if="Invalid job id")  # every id has left slurmctld's memory
         return parse_squeue(out)
 
-    def accounting(self, job_ids: Sequence[str]) -> dict:
-        """sacct's rows of these jobs (parse_sacct's), one per job or array task (-X: no steps)."""
+    def accounting(self, job_ids: Sequence[str], duplicates: bool = False) -> dict:
+        """sacct's rows of these jobs (parse_sacct's), one per job or array task (-X: no steps). `duplicates`
+        (-D): also the rows a requeue left, which parse_sacct counts as `restarts`."""
         if not job_ids:
             return {}
-        out = self.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "--format=" + ",".join(SACCT_FIELDS)],
-                       changes=False)
+        argv = ["sacct", "-X", "-n", "-P", *(["-D"] if duplicates else []), "-j", ",".join(job_ids),
+                "--format=" + ",".join(SACCT_FIELDS)]
+        out = self.run(argv, changes=False)
         return parse_sacct(out)
 
     def cancel(self, refs: Sequence[str]) -> None:

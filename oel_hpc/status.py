@@ -1,4 +1,5 @@
-"""`python -m oel_hpc.status <run-dir> [--watch SECONDS] [--json] [--verify]`: every stage and array task of a run.
+"""`python -m oel_hpc.status <run-dir|sweep-dir>... [--watch S] [--json] [--verify] [--tasks N] [--html FILE]`: every
+stage and array task of one or several runs (docs/status.md).
 
 For each stage of the run's manifest.json and each of its tasks (extract: seed, evaluate: checkpoint step): the
 Slurm job id (`<id>` or `<id>_<task>`), state, elapsed time, exit code and node, from one `squeue` and one `sacct`
@@ -6,6 +7,11 @@ call per refresh. The DONE markers on disk are the ground truth for "done", once
 against it (oel_hpc/verify.py: size and mtime, the sha256 of small or touched files; every sha256 with --verify):
 a task whose files do not match is "damaged", with the file named. A local run (no Slurm job ids) is shown from the
 manifest and the DONE markers alone, without calling Slurm.
+
+A running task also shows step k/K and an ETA from its progress record (oel_hpc/taskprogress.py: only a file's
+tail is read, and only for running tasks); a running job its time left (squeue %L), a pending one Slurm's
+expected start (%S); every job its requeue count (sacct -D rows); a failed task its log file and last lines.
+Several runs (a sweep's points) are read with one squeue and one sacct call for all.
 
 Per task, the newest job in the stage's `job_ids` (newest last) that covers it wins: an array stage's job id is the
 array's, and a resubmission of some tasks is a new array holding only their indices. A job id written as
@@ -27,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from oel_hpc import taskprogress
 from oel_hpc.errors import ConfigError, DamagedInput, MissingInput, SlurmError, exit_on_error
 from oel_hpc.rundir import RunPaths, read_done
 from oel_hpc.slurm import FINAL, PENDING, RUNNING, Runner, Slurm, job_ref, never_starts, parse_job_id, phase
@@ -57,7 +64,8 @@ def query_slurm(bases: list[str]) -> tuple[dict, dict, list[str]]:
             problems[name] = str(e)
 
     threads = [threading.Thread(target=ask, args=(name, command), daemon=True)
-               for name, command in (("sacct", SLURM.accounting), ("squeue", SLURM.queue))]
+               for name, command in (("sacct", lambda b: SLURM.accounting(b, duplicates=True)),
+                                     ("squeue", SLURM.queue))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -109,7 +117,8 @@ def _slurm_row(base: str, task: Optional[int], sacct: dict, squeue: dict) -> Opt
     if q is None and a is None:
         return None
     row = {"state": None, "reason": None, "elapsed_s": None, "exit_code": None, "node": None, "name": None,
-           "start": None, "end": None}
+           "start": None, "end": None, "submit": None, "time_left_s": None, "expected_start": None,
+           "restarts": None}
     if a is not None:
         row.update(a)
     if q is not None:
@@ -121,16 +130,23 @@ def _slurm_row(base: str, task: Optional[int], sacct: dict, squeue: dict) -> Opt
     return row
 
 
-def _covers(base: str, explicit: Optional[set], task: int, sacct: dict, squeue: dict) -> Optional[bool]:
-    """Does this job cover the task? None: cannot tell (Slurm knows no task rows of it yet, or failed)."""
+def _covers(base: str, explicit: Optional[set], task: int, sacct: dict, squeue: dict,
+            known: Optional[set] = None) -> Optional[bool]:
+    """Does this job cover the task? None: cannot tell (Slurm knows no task rows of it yet, or failed). `known`:
+    the job ids Slurm shows any row of (_known_bases; computed once, not per task, for arrays of thousands)."""
     if explicit is not None:
         return task in explicit
-    keys = [k for k in (*sacct, *squeue) if k[0] == base]
+    if known is None:
+        known = _known_bases(sacct, squeue)
     if (base, task) in sacct or (base, task) in squeue:
         return True
-    if not keys or (base, None) in sacct or (base, None) in squeue:
+    if base not in known or (base, None) in sacct or (base, None) in squeue:
         return None
     return False
+
+
+def _known_bases(sacct: dict, squeue: dict) -> set:
+    return {k[0] for k in (*sacct, *squeue)}
 
 
 def _done_path(paths: RunPaths, r, stage: str, task: Optional[int]) -> Optional[Path]:
@@ -141,11 +157,13 @@ def _done_path(paths: RunPaths, r, stage: str, task: Optional[int]) -> Optional[
 
 
 def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue: dict, paths: RunPaths,
-              slurm_ok: bool, verify: bool = False) -> dict:
+              slurm_ok: bool, verify: bool = False, known: Optional[set] = None) -> dict:
     r, name = stage.get("round"), stage.get("stage")
     row = {"task": task, "label": task_label(name, task), "job_id": None, "state": "unknown",
            "slurm_state": None, "reason": None, "elapsed_s": None, "exit_code": None, "node": None,
-           "start": None, "end": None, "name": None, "done": False, "finished_at": None, "note": None}
+           "start": None, "end": None, "name": None, "done": False, "finished_at": None, "note": None,
+           "submit": None, "time_left_s": None, "expected_start": None, "restarts": None, "progress": None,
+           "log": None, "log_tail": None}
     done_path = _done_path(paths, r, name, task)
     damaged = None  # what is wrong with a DONE of this config: its marker, or a file it records
     try:
@@ -167,7 +185,7 @@ def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue:
             keys = sorted((k for k in (*squeue, *sacct) if k[0] == base), key=lambda k: (k[1] is not None,))
             chosen = (base, keys[0][1] if keys else None, bool(keys))
             break
-        covers = _covers(base, explicit, task, sacct, squeue)
+        covers = _covers(base, explicit, task, sacct, squeue, known)
         if covers:
             chosen = (base, task, True)
             break
@@ -189,6 +207,7 @@ def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue:
                 row["exit_code"] = None  # sacct says 0:0 for a job that has not ended
             row["slurm_state"] = slurm["state"]
             row["name"] = slurm.get("name")
+            row.update({k: slurm.get(k) for k in ("submit", "time_left_s", "expected_start", "restarts")})
         else:
             row["slurm_state"] = "?"
             if task is not None:
@@ -257,22 +276,104 @@ def _span(rows: list[dict], now: float) -> Optional[float]:
 
 def collect(run_dir: Path, run_slurm=query_slurm, verify: bool = False) -> dict:
     """Everything the table shows, as a dict (what --json prints). `verify`: hash every file DONE markers record."""
-    run_dir = Path(run_dir)
-    manifest = load_manifest(run_dir)
-    paths = RunPaths(run_dir.resolve())
-    stages = [s for s in manifest["stages"] if isinstance(s, dict)]
-    jobs = {s.get("id"): [p for p in (parse_job_id(j) for j in s.get("job_ids") or []) if p] for s in stages}
-    bases = sorted({base for js in jobs.values() for base, _ in js}, key=int)
+    return collect_runs([run_dir], run_slurm, verify)[0]
+
+
+def collect_runs(run_dirs: list, run_slurm=query_slurm, verify: bool = False) -> list[dict]:
+    """collect() of several runs (a sweep's points) with one squeue and one sacct call for all of them."""
+    prepared = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        manifest = load_manifest(run_dir)
+        stages = [s for s in manifest["stages"] if isinstance(s, dict)]
+        jobs = {s.get("id"): [p for p in (parse_job_id(j) for j in s.get("job_ids") or []) if p] for s in stages}
+        bases = sorted({base for js in jobs.values() for base, _ in js}, key=int)
+        prepared.append((manifest, RunPaths(run_dir.resolve()), stages, jobs, bases))
+    every_base = sorted({b for *_, bases in prepared for b in bases}, key=int)
     sacct, squeue, problems = {}, {}, []
-    if bases:
-        sacct, squeue, problems = run_slurm(bases)
+    if every_base:
+        sacct, squeue, problems = run_slurm(every_base)
+    known = _known_bases(sacct, squeue)
+    return [_collect_one(*p, sacct, squeue, problems, known, verify) for p in prepared]
+
+
+def _timestamp(iso: Optional[str]) -> Optional[float]:
+    try:
+        return datetime.fromisoformat(iso).timestamp() if iso else None
+    except ValueError:
+        return None
+
+
+class _Config:
+    """The run's config.yaml, read once and only when a task's progress needs a total from it."""
+
+    def __init__(self, paths: RunPaths):
+        self.paths, self.value = paths, None
+
+    def __call__(self) -> dict:
+        if self.value is None:
+            self.value = {}
+            try:
+                import yaml  # only here: the dashboard starts without it
+                loaded = yaml.safe_load(self.paths.config.read_text())
+                self.value = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError, ImportError, Exception):  # noqa: BLE001 - a total we cannot tell: no ETA
+                self.value = {}
+        return self.value
+
+
+LOG_LINES = 5
+
+
+def log_path(paths: RunPaths, stage: dict, row: dict) -> Optional[Path]:
+    """The Slurm log of the task's job (launch/render.py: logs/r<round>_<stage>_%A_%a.out for an array task,
+    _%j.out for a one-task job); None for a local task or a job id Slurm has not placed yet."""
+    job = row.get("job_id") or ""
+    parsed = parse_job_id(job)
+    if parsed is None:
+        return None
+    base, tasks = parsed
+    prefix = f"r{stage.get('round')}_{stage.get('stage')}_"
+    if stage.get("tasks") is None:
+        return paths.root / "logs" / f"{prefix}{base}.out"
+    if not tasks or len(tasks) != 1:
+        return None
+    return paths.root / "logs" / f"{prefix}{base}_{min(tasks)}.out"
+
+
+def _add_live(stage: dict, row: dict, paths: RunPaths, config: _Config, now: float) -> None:
+    """Progress of a running task; log path and last lines of a failed one (read only for those)."""
+    r, name, task = stage.get("round"), stage.get("stage"), row["task"]
+    if row["state"] == "running":
+        start = _timestamp(row.get("start"))
+        if start is None:  # a local task: its .started marker says when
+            started = _done_path(paths, r, name, task)
+            try:
+                start = started.with_name(started.name + ".started").stat().st_mtime if started else None
+            except OSError:
+                start = None
+        try:
+            row["progress"] = taskprogress.task_progress(paths, int(r), name, task, start, now, config)
+        except (TypeError, ValueError):
+            row["progress"] = None
+    elif row["state"] == "failed":
+        path = log_path(paths, stage, row)
+        if path is not None:
+            row["log"] = paths.display(path)
+            lines = taskprogress.tail_lines(path, 4096)
+            row["log_tail"] = lines[-LOG_LINES:] if path.is_file() else None
+
+
+def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, bases: list, sacct: dict,
+                 squeue: dict, problems: list, known: set, verify: bool) -> dict:
     slurm_ok = bool(bases) and not problems
     now = time.time()
+    config = _Config(paths)
 
     out_stages, by_id = [], {}
     for stage in stages:
         tasks = stage.get("tasks")
-        rows = [_task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify)
+        rows = [_task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify, known)
                 for t in (tasks if isinstance(tasks, list) else [None])]
         upstream = [by_id.get(d, {}).get("state") for d in stage.get("depends_on") or []]
         if any(u in ("failed", "blocked", "changed", "damaged") for u in upstream):
@@ -280,6 +381,8 @@ def collect(run_dir: Path, run_slurm=query_slurm, verify: bool = False) -> dict:
                 if row["state"] == "pending" and row["slurm_state"] is None:
                     row["state"] = "blocked"
                     row["note"] = "an upstream stage failed, is blocked or damaged"
+        for row in rows:
+            _add_live(stage, row, paths, config, now)
         seconds = stage.get("seconds")
         if seconds is None:
             seconds = rows[0]["elapsed_s"] if tasks is None else _span(rows, now)
@@ -294,15 +397,19 @@ def collect(run_dir: Path, run_slurm=query_slurm, verify: bool = False) -> dict:
         out_stages.append(entry)
 
     counts: dict = {}
+    task_counts: dict = {}
     for s in out_stages:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
+        for row in s["tasks"]:
+            task_counts[row["state"]] = task_counts.get(row["state"], 0) + 1
     note = None
     if problems:
         note = f"Slurm: {'; '.join(problems)} — showing what the manifest and DONE markers say"
     return {"run": manifest.get("run"), "run_dir": str(paths.root), "config_hash": manifest.get("config_hash"),
             "time": datetime.now().astimezone().isoformat(timespec="seconds"),
             "slurm": {"queried": bool(bases), "job_ids": bases, "problems": problems}, "note": note,
-            "counts": counts, "finished": all(s["state"] in TERMINAL for s in out_stages),
+            "counts": counts, "task_counts": task_counts,
+            "finished": all(s["state"] in TERMINAL for s in out_stages),
             "all_done": all(s["state"] == "done" for s in out_stages), "stages": out_stages}
 
 
@@ -331,72 +438,213 @@ def _slurm_text(row: dict) -> str:
     return text
 
 
-def render(report: dict) -> str:
-    header = ("STAGE", "TASK", "JOB", "STATE", "SLURM", "ELAPSED", "EXIT", "NODE", "NOTE")
-    table = []
+def _progress_text(p: Optional[dict]) -> str:
+    if not p:
+        return "-"
+    total = p["total"] if p.get("total") is not None else "?"
+    return f"{p['done']}/{total} {p.get('unit') or ''}".rstrip()
+
+
+def _clock(iso: Optional[str], now: datetime) -> str:
+    """An expected start: the time of day when it is today, else the date and time."""
+    if not iso:
+        return "-"
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return when.strftime("%H:%M:%S") if when.date() == now.date() else when.strftime("%m-%d %H:%M")
+
+
+# tasks listed one per row; a stage with more lists only those worth a look (running, failed, ...) up to this many
+SHOWN_TASKS = 40
+QUIET = ("done", "pending", "blocked")  # states a long stage sums up in one line instead of one row per task
+
+
+def _table(report: dict, max_tasks: int) -> tuple[list, list]:
+    """The table's rows and the failed tasks' log lines."""
+    now = datetime.now()
+    table, failures = [], []
     for s in report["stages"]:
+        rows = s["tasks"]
         if s["array"]:
-            n = len(s["tasks"])
+            n = len(rows)
             unit = LABELS.get(s["stage"], ("task", "tasks"))[1 if n != 1 else 0]
             slurm_states: dict = {}
-            for r in s["tasks"]:
+            for r in rows:
                 if r["slurm_state"]:
                     slurm_states[r["slurm_state"]] = slurm_states.get(r["slurm_state"], 0) + 1
             summary = ", ".join(f"{v} {k}" for k, v in slurm_states.items())
-            done = sum(r["state"] == "done" for r in s["tasks"])
-            jobs = ",".join(sorted({r["job_id"].split("_")[0] for r in s["tasks"] if r["job_id"]},
+            done = sum(r["state"] == "done" for r in rows)
+            jobs = ",".join(sorted({r["job_id"].split("_")[0] for r in rows if r["job_id"]},
                                    key=lambda j: (not j.isdigit(), int(j) if j.isdigit() else 0, j)))
+            etas = [r["progress"]["eta_s"] for r in rows if r["progress"] and r["progress"].get("eta_s") is not None]
             table.append((s["id"], f"{n} {unit}", jobs or "-", s["state"], summary or "-", fmt_seconds(s["seconds"]),
-                          "", "", f"{done}/{n} done" if done < n else ""))
-        for r in s["tasks"]:
+                          "", "", f"{done}/{n}", fmt_seconds(max(etas)) if etas else "-", "-", "-", "-",
+                          f"{done}/{n} done" if done < n else ""))
+        shown = rows
+        if len(rows) > max_tasks:
+            shown = [r for r in rows if r["state"] not in QUIET][:max_tasks]
+        for r in shown:
             elapsed = r["elapsed_s"] if s["array"] or r["elapsed_s"] is not None else s["seconds"]
             if phase(r["slurm_state"]) == PENDING:
                 elapsed = None
+            p = r.get("progress")
+            eta = fmt_seconds(p["eta_s"]) if p and p.get("eta_s") is not None else "-"
+            restarts = r.get("restarts")
             table.append((s["id"], r["label"], r["job_id"] or "-", r["state"], _slurm_text(r),
-                          fmt_seconds(elapsed), r["exit_code"] or "-", r["node"] or "-", r["note"] or ""))
+                          fmt_seconds(elapsed), r["exit_code"] or "-", r["node"] or "-", _progress_text(p), eta,
+                          fmt_seconds(r.get("time_left_s")), _clock(r.get("expected_start"), now),
+                          str(restarts) if restarts is not None else "-", r["note"] or ""))
+            if r["state"] == "failed" and r.get("log"):
+                failures.append(f"{s['id']} {r['label']} ({r['job_id']}): {r['log']}"
+                                + ("" if r.get("log_tail") is not None else " (no such file)"))
+                failures += [f"  | {line}" for line in r.get("log_tail") or []]
+        if len(shown) < len(rows):
+            hidden: dict = {}
+            for r in rows:
+                if r not in shown:
+                    hidden[r["state"]] = hidden.get(r["state"], 0) + 1
+            table.append((s["id"], f"+{len(rows) - len(shown)} more", "", "", "", "", "", "", "", "", "", "", "",
+                          ", ".join(f"{v} {k}" for k, v in hidden.items())))
+    return table, failures
+
+
+HEADER = ("STAGE", "TASK", "JOB", "STATE", "SLURM", "ELAPSED", "EXIT", "NODE", "PROGRESS", "ETA", "LEFT", "START",
+          "REQ", "NOTE")
+
+
+def _lines(header: tuple, table: list, right: set) -> list[str]:
     widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
-    right = {5}
 
     def line(row):
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         return "  ".join(cells).rstrip()
 
+    return [line(header), *(line(r) for r in table)]
+
+
+def render(report: dict, max_tasks: int = SHOWN_TASKS) -> str:
+    """The run's table; below it, each failed task's log file and its last lines."""
+    table, failures = _table(report, max_tasks)
     counts = ", ".join(f"{v} {k}" for k, v in report["counts"].items())
     lines = [f"run '{report['run']}'  {report['run_dir']}  {report['time']}",
              f"{len(report['stages'])} stages: {counts or 'none'}"]
     if report["note"]:
         lines.append(report["note"])
-    lines += ["", line(header), *(line(r) for r in table)]
+    lines += ["", *_lines(HEADER, table, {5, 9, 10, 12})]
+    if failures:
+        lines += ["", "failed tasks (log, last lines):", *failures]
+    return "\n".join(lines)
+
+
+def _summary_row(report: dict) -> tuple:
+    tasks = report["task_counts"]
+    total = sum(tasks.values())
+    stages = report["stages"]
+    current = next((s for s in stages if s["state"] not in ("done",)), None)
+    etas = [r["progress"]["eta_s"] for s in stages for r in s["tasks"]
+            if r.get("progress") and r["progress"].get("eta_s") is not None]
+    state = "done" if report["all_done"] else ("stopped" if report["finished"] else "active")
+    return (report["run"] or "?", state, f"{report['counts'].get('done', 0)}/{len(stages)}",
+            f"{tasks.get('done', 0)}/{total}", str(tasks.get("running", 0)), str(tasks.get("pending", 0)),
+            str(sum(tasks.get(k, 0) for k in ("failed", "damaged", "changed", "blocked"))),
+            f"{current['id']} {current['state']}" if current else "-", fmt_seconds(max(etas)) if etas else "-",
+            report["run_dir"])
+
+
+def render_many(reports: list[dict], max_tasks: int = SHOWN_TASKS, title: Optional[str] = None) -> str:
+    """Several runs (a sweep's points): one summary line per run, then each run's table."""
+    header = ("RUN", "STATE", "STAGES", "TASKS", "RUNNING", "PENDING", "FAILED", "AT", "ETA", "DIRECTORY")
+    lines = [title or f"{len(reports)} runs", "", *_lines(header, [_summary_row(r) for r in reports], {8})]
+    for report in reports:
+        lines += ["", "=" * 20, render(report, max_tasks)]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def load_sweep(folder: Path) -> dict:
+    """A sweep record (<run.root>/<sweep>/sweep.json, written by `python -m oel_hpc -m ...`): its points' run
+    directories resolved (relative ones against the record's folder)."""
+    path = folder / SWEEP_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(path), f"cannot read it ({e})") from None
+    points = record.get("points") if isinstance(record, dict) else None
+    if not isinstance(points, list) or not all(isinstance(p, dict) and p.get("run_dir") for p in points):
+        raise ConfigError(str(path), "not a sweep record (no 'points' list with a run_dir each)")
+    for p in points:
+        p["path"] = folder / p["run_dir"]
+    return record
+
+
+SWEEP_RECORD = "sweep.json"
+
+
+def resolve_runs(args: list[Path]) -> tuple[list[Path], Optional[dict]]:
+    """The run directories named: each argument is a run directory or a sweep's folder (its points, in order).
+    Also the sweep record when exactly one sweep folder was named (its title and parameters)."""
+    runs, sweeps = [], []
+    for arg in args:
+        if (arg / SWEEP_RECORD).is_file() and not RunPaths(arg).manifest.is_file():
+            sweep = load_sweep(arg)
+            sweeps.append(sweep)
+            runs += [p["path"] for p in sweep["points"]]
+        else:
+            runs.append(arg)
+    return runs, sweeps[0] if len(sweeps) == 1 and len(args) == 1 else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Every stage and array task of an OEL run: Slurm job, state, elapsed time, "
-        "exit code, node (from manifest.json, squeue/sacct and the DONE markers).",
-        epilog="Exit status: 0; 2 for bad input. With --watch: 0 when every stage is done, 1 when the run stopped "
-        "with a stage failed or blocked, 130 on Ctrl-C.")
-    parser.add_argument("run_dir", type=Path, help="the run directory (run.root/run.name)")
+        prog=PROG, description="Every stage and array task of OEL runs: Slurm job, state, elapsed time, exit code, "
+        "node, progress and ETA of running tasks, time left, expected start, requeues, logs of failed tasks (from "
+        "manifest.json, one squeue and one sacct call, the DONE markers and the tasks' progress records).",
+        epilog="Exit status: 0; 2 for bad input. With --watch: 0 when every stage of every run is done, 1 when "
+        "they all stopped with a stage failed or blocked, 130 on Ctrl-C.")
+    parser.add_argument("run_dir", type=Path, nargs="+",
+                        help="run directories (run.root/run.name), or a sweep's folder (holding sweep.json)")
     parser.add_argument("--watch", type=float, metavar="SECONDS",
                         help="refresh every SECONDS until every stage is done or failed")
     parser.add_argument("--json", action="store_true",
-                        help="print the data as JSON (with --watch: one JSON object per line per refresh)")
+                        help="print the data as JSON (with --watch: one JSON object per line per refresh); "
+                        "several runs: {\"runs\": [...]}")
     parser.add_argument("--verify", action="store_true",
                         help="hash every file the DONE markers record (default: size and mtime, and the hash of "
                         "small files or files whose mtime changed)")
+    parser.add_argument("--tasks", type=int, default=SHOWN_TASKS, metavar="N",
+                        help=f"a stage with more than N tasks lists only its running, failed, ... ones (at most N) "
+                        f"and sums up the rest in one line (default {SHOWN_TASKS})")
+    parser.add_argument("--html", type=Path, metavar="FILE",
+                        help="also write FILE: one self-contained HTML page with the tables and plots (no server, "
+                        "no network; with --watch rewritten at each refresh)")
     args = parser.parse_args(argv)
     if args.watch is not None and not args.watch > 0:
         raise ConfigError("--watch", f"needs a positive number of seconds, not {args.watch:g}")
+    if args.tasks < 0:
+        raise ConfigError("--tasks", f"needs a number >= 0, not {args.tasks}")
+    if args.html is not None and not args.html.parent.is_dir():
+        raise ConfigError("--html", f"{args.html.parent} is not a directory")
+    runs, sweep = resolve_runs(args.run_dir)
+    several = len(runs) > 1 or sweep is not None
     tty = sys.stdout.isatty()
     try:
         while True:
-            report = collect(args.run_dir, verify=args.verify)  # bad input: a ConfigError, one line, exit 2
+            reports = collect_runs(runs, verify=args.verify)  # bad input: a ConfigError, one line, exit 2
+            if args.html is not None:
+                from oel_hpc import report as html_report  # only here: the plain table stays quick to start
+                html_report.write(args.html, reports, sweep)
             if args.json:
-                text = json.dumps(report, indent=None if args.watch else 2)
+                data = {"sweep": sweep and {k: v for k, v in sweep.items() if k != "points"}, "runs": reports} \
+                    if several else reports[0]
+                text = json.dumps(data, indent=None if args.watch else 2, default=str)
+            elif several:
+                title = f"sweep '{sweep.get('sweep')}': {len(runs)} runs" if sweep else None
+                text = render_many(reports, args.tasks, title)
             else:
-                text = render(report)
+                text = render(reports[0], args.tasks)
             if args.watch and tty and not args.json:
                 sys.stdout.write("\033[H\033[2J")  # clear the screen between refreshes
             elif args.watch and not args.json:
@@ -404,8 +652,8 @@ def main(argv=None) -> int:
             print(text, flush=True)
             if args.watch is None:
                 return 0
-            if report["finished"]:
-                return 0 if report["all_done"] else 1
+            if all(r["finished"] for r in reports):
+                return 0 if all(r["all_done"] for r in reports) else 1
             time.sleep(args.watch)
     except KeyboardInterrupt:
         print(file=sys.stderr)
