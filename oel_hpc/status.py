@@ -4,7 +4,7 @@ stage and array task of one or several runs (docs/status.md).
 For each stage of the run's manifest.json and each of its tasks (extract: seed, evaluate: checkpoint step): the
 Slurm job id (`<id>` or `<id>_<task>`), state, elapsed time, exit code and node, from one `squeue` and one `sacct`
 call per refresh. The DONE markers on disk are the ground truth for "done", once the files each records are checked
-against it (oel_hpc/verify.py: size and mtime, the sha256 of small or touched files; every sha256 with --verify):
+against it (oel_hpc/verify.py: size and mtime, the sha256 of touched files; every sha256 with --verify):
 a task whose files do not match is "damaged", with the file named. A local run (no Slurm job ids) is shown from the
 manifest and the DONE markers alone, without calling Slurm.
 
@@ -149,9 +149,21 @@ def _known_bases(sacct: dict, squeue: dict) -> set:
     return {k[0] for k in (*sacct, *squeue)}
 
 
+_folders: dict = {}  # (run dir, round, stage) → the folder of its tasks' DONE markers, as text
+
+
 def _done_path(paths: RunPaths, r, stage: str, task: Optional[int]) -> Optional[Path]:
+    """paths.done(r, stage, task), built from text for array tasks: thousands of them per refresh, where pathlib's
+    joins cost more than the file reads."""
     try:
-        return paths.done(int(r), stage, task)
+        if task is None or stage not in ("extract", "evaluate"):
+            return paths.done(int(r), stage, task)
+        key = (paths.root, int(r), stage)
+        if key not in _folders:
+            _folders[key] = str(paths.done(int(r), stage, 0).parent.parent if stage == "extract"
+                                else paths.eval_dir(int(r)))
+        name = f"seed_{int(task)}/DONE" if stage == "extract" else f"DONE.step_{int(task)}"
+        return Path(f"{_folders[key]}/{name}")
     except (KeyError, TypeError, ValueError):  # a stage this version does not know
         return None
 
@@ -171,7 +183,8 @@ def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue:
     except DamagedInput:
         done, damaged = {}, f"{paths.rel(done_path)} cannot be read as a DONE marker"
     if done and (stage.get("hash") is None or done.get("config_hash") == stage.get("hash")):
-        damage = check_outputs(paths.root, done, full=verify)
+        # size and mtime (a hash only where the mtime moved); --verify: every hash
+        damage = check_outputs(paths.root, done, full=verify, hash_small=False)
         if damage:
             damaged = summary(damage)
         else:
@@ -364,6 +377,17 @@ def _add_live(stage: dict, row: dict, paths: RunPaths, config: _Config, now: flo
             row["log_tail"] = lines[-LOG_LINES:] if path.is_file() else None
 
 
+PARALLEL_FROM = 64  # tasks
+_threads: list = []
+
+
+def _pool():
+    if not _threads:
+        from concurrent.futures import ThreadPoolExecutor
+        _threads.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="status"))
+    return _threads[0]
+
+
 def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, bases: list, sacct: dict,
                  squeue: dict, problems: list, known: set, verify: bool) -> dict:
     slurm_ok = bool(bases) and not problems
@@ -373,8 +397,13 @@ def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, base
     out_stages, by_id = [], {}
     for stage in stages:
         tasks = stage.get("tasks")
-        rows = [_task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify, known)
-                for t in (tasks if isinstance(tasks, list) else [None])]
+        def row_of(t, stage=stage):
+            return _task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify, known)
+
+        ts = tasks if isinstance(tasks, list) else [None]
+        # each task's DONE marker and recorded files are stat'ed: on a cluster file system (NFS, Lustre) each stat
+        # waits on the network, so a long array's tasks are checked by a few threads at once
+        rows = list(_pool().map(row_of, ts)) if len(ts) > PARALLEL_FROM else [row_of(t) for t in ts]
         upstream = [by_id.get(d, {}).get("state") for d in stage.get("depends_on") or []]
         if any(u in ("failed", "blocked", "changed", "damaged") for u in upstream):
             for row in rows:  # never submitted, or waiting locally, behind a stage that will not finish

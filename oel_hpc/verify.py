@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -90,10 +91,10 @@ def _sha256(path: Path, st: os.stat_result) -> str:
     return _verified[key]
 
 
-def check_file(path: Path, rel: str, entry, full: bool = False) -> Optional[Damage]:
+def check_file(path: Path, rel: str, entry, full: bool = False, hash_small: bool = True) -> Optional[Damage]:
     """`entry`: the file's record (a dict, or a bare sha256 from an older marker). None when it matches."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except FileNotFoundError:
         return Damage(rel, "is missing")
     except OSError as e:
@@ -102,17 +103,17 @@ def check_file(path: Path, rel: str, entry, full: bool = False) -> Optional[Dama
         entry = {"sha256": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
         return Damage(rel, "has no readable record in its DONE marker")
-    if not path.is_file():
+    if not stat.S_ISREG(st.st_mode):
         return Damage(rel, "is not a file")
     size = entry.get("size")
     if size is not None and st.st_size != size:
-        return Damage(rel, _size_reason(path, st.st_size, entry))
-    skip_hash = (not full and st.st_size > SMALL
+        return Damage(rel, _size_reason(Path(path), st.st_size, entry))
+    skip_hash = (not full and (st.st_size > SMALL or not hash_small)
                  and (size is None or st.st_mtime_ns == entry.get("mtime_ns")))  # older markers: existence only
     if skip_hash:
         return None
     try:
-        sha = _sha256(path, st)
+        sha = _sha256(Path(path), st)
     except OSError as e:
         return Damage(rel, f"cannot be read ({e.strerror})")
     if sha != entry["sha256"]:
@@ -132,13 +133,16 @@ def _size_reason(path: Path, actual: int, entry: dict) -> str:
     return f"is {actual} bytes where its DONE marker records {entry['size']}"
 
 
-def check_outputs(root: Path, done: dict, full: bool = False) -> list[Damage]:
+def check_outputs(root: Path, done: dict, full: bool = False, hash_small: bool = True) -> list[Damage]:
     """Every file a DONE marker records that does not match its record ([] when all do). `root`: the run
-    directory the marker's paths are relative to; `full`: hash every file, whatever its size and mtime."""
+    directory the marker's paths are relative to; `full`: hash every file, whatever its size and mtime;
+    `hash_small=False`: small files too are hashed only when their mtime moved (the dashboard: thousands of tasks'
+    experience files per refresh)."""
     outputs = done.get("outputs") or {}  # a marker that records no files (rundir.read_done refuses a non-record)
     bad = []
+    root = str(root)
     for rel, entry in outputs.items():
-        damage = check_file(Path(root) / rel, rel, entry, full)
+        damage = check_file(os.path.join(root, rel), rel, entry, full, hash_small)  # str paths: thousands per call
         if damage is not None:
             bad.append(damage)
     return bad

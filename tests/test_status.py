@@ -47,7 +47,8 @@ def table_rows(text):
     """The table's rows, split into cells (two or more spaces apart)."""
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("STAGE"))
-    return [re.split(r"\s{2,}", ln.strip()) for ln in lines[start + 1:]]
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))  # then failed tasks' logs
+    return [re.split(r"\s{2,}", ln.strip()) for ln in lines[start + 1:end]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
