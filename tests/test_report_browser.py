@@ -29,7 +29,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1", "--no-first-run",
          "--disable-extensions", "--mute-audio"]
-WINDOW = (1300, 5000)
+WINDOW = (1300, 3000)
 PLOTS = ("plot-pass-before-after", "plot-eval-r1", "plot-kl", "plot-entropy", "plot-grad-norm",
          "plot-experience-items", "plot-experience-size", "plot-heldout", "plot-timeline")
 
