@@ -23,7 +23,6 @@ from typing import Optional
 
 from oel_hpc import experience as exp
 from oel_hpc import svgplot
-from oel_hpc import taskprogress
 from oel_hpc.rundir import RunPaths, write_text_atomic
 
 MANY_SEEDS = 8  # more seeds than this: the mean over seeds per step instead of one line per seed
@@ -117,7 +116,8 @@ def extraction(paths: RunPaths, r: int, seed: int, config: dict) -> dict:
                 out["size"].append((int(name[11:-4]), len(text)))
     if not out["heldout"]:
         # scores.jsonl: step k = the experience after k updates, played on the held-out games
-        out["heldout"] = [(row["step"], row["pass_rate"]) for row in _read_jsonl(paths.seed_dir(r, seed) / "scores.jsonl")
+        scores = _read_jsonl(paths.seed_dir(r, seed) / "scores.jsonl")
+        out["heldout"] = [(row["step"], row["pass_rate"]) for row in scores
                           if isinstance(row.get("step"), (int, float)) and row.get("pass_rate") is not None]
     return out
 

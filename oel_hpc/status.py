@@ -330,7 +330,7 @@ class _Config:
                 import yaml  # only here: the dashboard starts without it
                 loaded = yaml.safe_load(self.paths.config.read_text())
                 self.value = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError, ImportError, Exception):  # noqa: BLE001 - a total we cannot tell: no ETA
+            except Exception:  # noqa: BLE001 - unreadable or not YAML: no total, so no ETA (never a wrong one)
                 self.value = {}
         return self.value
 

@@ -41,7 +41,8 @@ window.addEventListener('load', () => {
     const lines = [...svg.querySelectorAll('polyline.series')].filter(p => p.points.numberOfItems >= 2);
     const dots = svg.querySelectorAll('circle.series');
     const bars = svg.querySelectorAll('rect.running');
-    const colours = [...lines.map(p => p.getAttribute('stroke')), ...[...dots, ...bars].map(c => c.getAttribute('fill'))];
+    const colours = [...lines.map(p => p.getAttribute('stroke')),
+                     ...[...dots, ...bars].map(c => c.getAttribute('fill'))];
     out.push({id: svg.id, x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height,
               lines: lines.length, dots: dots.length, bars: bars.length, colours: colours});
   }
@@ -175,7 +176,7 @@ def test_strings_from_files_are_escaped(tmp_path):
         {"id": f"r1/extract{evil}", "round": 1, "stage": "extract", "tasks": [0], "hash": "h", "depends_on": [],
          "state": "submitted", "job_ids": ["4242"], "started": None, "ended": None}]})
     (run / "logs").mkdir()
-    (run / "logs" / "r1_extract_4242_0.out").write_text(f"step 1\n</pre><script>alert(2)</script>\n")
+    (run / "logs" / "r1_extract_4242_0.out").write_text("step 1\n</pre><script>alert(2)</script>\n")
     sacct = "4242_0|oel|FAILED|00:00:02|1:0|n1|2026-01-01T00:00:00|2026-01-01T00:00:02|2026-01-01T00:00:00"
     from oel_hpc import slurm
     report = status.collect(run, run_slurm=lambda b: (slurm.parse_sacct(sacct), {}, []))

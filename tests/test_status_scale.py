@@ -153,7 +153,8 @@ if __name__ == "__main__":
                                                                     slurm.parse_squeue(q_out), []))
         status.render(rep)
         print(f"status: {time.perf_counter() - t:.2f} s ({time.process_time() - c:.2f} s CPU)")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     html_report.write(folder / "scale.html", [rep])
-    print(f"html: {time.perf_counter() - t:.2f} s, {(folder / 'scale.html').stat().st_size / 1e6:.2f} MB")
+    print(f"html: {time.perf_counter() - t:.2f} s ({time.process_time() - c:.2f} s CPU), "
+          f"{(folder / 'scale.html').stat().st_size / 1e6:.2f} MB")
     print(json.dumps(rep["task_counts"]))
