@@ -128,6 +128,13 @@ def test_running_tasks_show_progress_eta_time_left_and_requeues(busy_run):
     evaluate = report["stages"][2]["tasks"]
     assert all(t["state"] == "pending" and t["progress"] is None for t in evaluate)  # not running: not read
 
+    # the report's job timeline: per task, queued from sacct's Submit to Start, then running (to End, or now)
+    from oel_hpc import report as html_report
+    page = html_report.build([report])
+    timeline = page[page.index('id="plot-timeline"'):]
+    assert timeline.count('class="queued"') == 7 and timeline.count('class="running"') == 4  # 7 tasks submitted
+    assert "r1/extract seed 2: running" in timeline and "r1/evaluate step 10: queued" in timeline
+
     text = status.render(report)
     row = next(ln for ln in text.splitlines() if ln.startswith("r1/extract") and "seed 0" in ln)
     assert "3/10 step" in row and "2:10" in row and "58:50" in row, row
