@@ -189,3 +189,40 @@ def test_several_runs_and_a_sweep_folder(busy_run, tmp_path):
     out = subprocess.run([sys.executable, "-m", "oel_hpc.status", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, env=env_free)
     assert out.returncode == 2 and "sweep.json" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_on_the_real_cluster_requeue_count_time_left_and_progress(tmp_path):
+    """Real jobs (the test cluster; skipped without it): a running array task that writes a progress record and is
+    requeued once, a pending one. Slurm's own answers give REQ 1, time left, an expected start."""
+    from tests.test_status import _cluster_problem, sbatch, wait_until
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(f"no Slurm test cluster: {problem}")
+    run = tmp_path / "run"
+    record = RunPaths(run).progress(1, "extract", 999999)
+    record.parent.parent.mkdir(parents=True)
+    path = str(record).replace("999999", "$SLURM_ARRAY_TASK_ID")
+    row = '{"done": 1, "total": 4, "unit": "step", "t": '
+    job = sbatch("--array=0", "--requeue", "-t", "10", "-J", "oel:live", wrap=(
+        f'mkdir -p "$(dirname {path})"; echo \'{row}\'$(date +%s)\'}}\' > {path}; sleep 120'))
+    blocked = sbatch(f"--dependency=afterok:{job}", "-t", "5", "-J", "oel:live2", wrap="true")
+    manifest(run, "live", [("r1/extract", [0], [job]), ("r1/gather", None, [blocked])])
+    try:
+        wait_until(lambda: status.collect(run)["stages"][0]["tasks"][0]["state"] == "running", "the task to run")
+        subprocess.run(["scontrol", "requeue", f"{job}_0"], check=True, capture_output=True, timeout=30)
+
+        def requeued_and_running():
+            t = status.collect(run)["stages"][0]["tasks"][0]
+            return t["restarts"] == 1 and t["state"] == "running" and t["progress"] is not None
+
+        wait_until(requeued_and_running, "the requeued task to run again", timeout=120)
+        report = status.collect(run)
+        task0, gather = report["stages"][0]["tasks"][0], report["stages"][1]["tasks"][0]
+        assert task0["progress"]["done"] == 1 and task0["progress"]["total"] == 4
+        assert 0 < task0["time_left_s"] <= 600 and task0["expected_start"] is None
+        assert gather["state"] == "pending" and gather["time_left_s"] is None
+        text = status.render(report)
+        line = next(ln for ln in text.splitlines() if "seed 0" in ln)
+        assert "1/4 step" in line and line.split()[-1] == "1", line
+    finally:
+        subprocess.run(["scancel", job, blocked], capture_output=True, timeout=30)
