@@ -70,8 +70,9 @@ def read_png(path: Path) -> tuple[int, int, list]:
     with Image.open(path) as image:
         image = image.convert("RGB")
         width, height = image.size
-        flat = list(image.getdata())
-    return width, height, [flat[y * width:(y + 1) * width] for y in range(height)]
+        data = image.tobytes()
+    rows = [data[y * width * 3:(y + 1) * width * 3] for y in range(height)]
+    return width, height, [list(zip(row[0::3], row[1::3], row[2::3])) for row in rows]
 
 
 def _decode_png(path: Path) -> tuple[int, int, list]:
