@@ -196,9 +196,10 @@ def _stage_table(report: dict) -> str:
     out.append("</table>")
     failed = [(s, t) for s in report["stages"] for t in s["tasks"] if t["state"] in ("failed", "damaged")]
     for s, t in failed[:20]:
-        out.append(f'<p><b>{escape(str(s["id"]))} {escape(str(t["label"]))}</b> {escape(t["state"])}'
-                   f' {escape(str(t.get("job_id") or ""))}: {escape(str(t.get("note") or ""))}'
-                   f' {escape(str(t.get("log") or ""))}</p>')
+        task = "" if t["task"] is None else f' {t["label"]}'
+        out.append(f'<p><b>{escape(str(s["id"]) + task)}</b>: <span class="{escape(t["state"])}">'
+                   f'{escape(t["state"])}</span> (job {escape(str(t.get("job_id") or "-"))})'
+                   f' {escape(str(t.get("note") or ""))} {escape(str(t.get("log") or ""))}</p>')
         if t.get("log_tail"):
             out.append(f'<pre>{escape(chr(10).join(t["log_tail"]))}</pre>')
     running = [(s, t) for s in report["stages"] for t in s["tasks"] if t.get("progress")]

@@ -15,7 +15,7 @@ COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 DASHES = ("", "6 3", "2 3", "8 3 2 3")
 
 W, H = 560, 300
-LEFT, RIGHT, TOP, BOTTOM = 62, 16, 34, 46
+LEFT, RIGHT, TOP, BOTTOM = 62, 16, 40, 46
 
 
 def colour(i: int) -> str:
@@ -115,8 +115,7 @@ def line_plot(plot_id: str, title: str, xlabel: str, ylabel: str, series: Sequen
                        f'stroke="{c}" stroke-width="2"{dash}><title>{name}</title></polyline>')
     out.append(_legend(series, width))
     if note:
-        out.append(f'<text x="{width - RIGHT}" y="{height - 8}" text-anchor="end" font-size="10" fill="#666">'
-                   f'{escape(note)}</text>')
+        out.append(f'<text x="{LEFT}" y="{TOP - 4}" font-size="10" fill="#666">{escape(note)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
