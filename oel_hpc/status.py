@@ -377,17 +377,6 @@ def _add_live(stage: dict, row: dict, paths: RunPaths, config: _Config, now: flo
             row["log_tail"] = lines[-LOG_LINES:] if path.is_file() else None
 
 
-PARALLEL_FROM = 64  # tasks
-_threads: list = []
-
-
-def _pool():
-    if not _threads:
-        from concurrent.futures import ThreadPoolExecutor
-        _threads.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="status"))
-    return _threads[0]
-
-
 def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, bases: list, sacct: dict,
                  squeue: dict, problems: list, known: set, verify: bool) -> dict:
     slurm_ok = bool(bases) and not problems
@@ -397,13 +386,8 @@ def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, base
     out_stages, by_id = [], {}
     for stage in stages:
         tasks = stage.get("tasks")
-        def row_of(t, stage=stage):
-            return _task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify, known)
-
-        ts = tasks if isinstance(tasks, list) else [None]
-        # each task's DONE marker and recorded files are stat'ed: on a cluster file system (NFS, Lustre) each stat
-        # waits on the network, so a long array's tasks are checked by a few threads at once
-        rows = list(_pool().map(row_of, ts)) if len(ts) > PARALLEL_FROM else [row_of(t) for t in ts]
+        rows = [_task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify, known)
+                for t in (tasks if isinstance(tasks, list) else [None])]
         upstream = [by_id.get(d, {}).get("state") for d in stage.get("depends_on") or []]
         if any(u in ("failed", "blocked", "changed", "damaged") for u in upstream):
             for row in rows:  # never submitted, or waiting locally, behind a stage that will not finish
