@@ -24,6 +24,7 @@ from typing import Optional
 from oel_hpc import experience as exp
 from oel_hpc import svgplot
 from oel_hpc.rundir import RunPaths, write_text_atomic
+from oel_hpc.taskprogress import fmt_seconds
 
 MANY_SEEDS = 8  # more seeds than this: the mean over seeds per step instead of one line per seed
 TIMELINE_TASKS = 200  # more tasks than this: one bar per stage instead of one per task
@@ -183,7 +184,6 @@ gap:12px}svg.plot{border:1px solid #ddd}pre{background:#f6f8fa;padding:6px;font-
 
 
 def _stage_table(report: dict) -> str:
-    from oel_hpc.status import fmt_seconds
     out = ['<table class="stages"><tr><th>stage</th><th>state</th><th>tasks done</th><th>running</th>'
            '<th>pending</th><th>failed</th><th>wall time</th><th>jobs</th></tr>']
     for s in report["stages"]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from oel_hpc import taskprogress
+from oel_hpc.taskprogress import fmt_seconds
 from oel_hpc.errors import ConfigError, DamagedInput, MissingInput, SlurmError, exit_on_error
 from oel_hpc.rundir import RunPaths, read_done
 from oel_hpc.slurm import FINAL, PENDING, RUNNING, Runner, Slurm, job_ref, never_starts, parse_job_id, phase
@@ -428,19 +429,6 @@ def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, base
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering
-
-def fmt_seconds(s) -> str:
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.1f}s" if s != int(s) else f"{int(s)}s"
-    s = int(round(s))
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    text = f"{h}:{m:02d}:{s:02d}" if h or d else f"{m}:{s:02d}"
-    return f"{d}-{text}" if d else text
-
 
 def _slurm_text(row: dict) -> str:
     if row["slurm_state"] is None:

@@ -126,3 +126,17 @@ def task_progress(paths, r: int, stage: str, task: Optional[int], start: Optiona
             return from_files(max(steps), int(total) if total else None, newest, "step", "experience files",
                               start, now)
     return None
+
+
+def fmt_seconds(s) -> str:
+    """A duration as the dashboard shows it: `5s`, `1:15`, `1:02:03`, `1-1:01:01`; `-` for none."""
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s" if s != int(s) else f"{int(s)}s"
+    s = int(round(s))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    text = f"{h}:{m:02d}:{s:02d}" if h or d else f"{m}:{s:02d}"
+    return f"{d}-{text}" if d else text

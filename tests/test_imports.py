@@ -29,7 +29,7 @@ TORCH_FREE = ["oel_hpc.errors", "oel_hpc.log", "oel_hpc.rundir", "oel_hpc.config
               "oel_hpc.experience", "oel_hpc.pipeline", "oel_hpc.status", "oel_hpc.slurm", "oel_hpc.launch.render",
               "oel_hpc.launch.slurm", "oel_hpc.launch.local", "oel_hpc.worker", "oel_hpc.lifecycle", "oel_hpc.ranks",
               "oel_hpc.runlock", "oel_hpc.launch.guard", "oel_hpc.model_files", "oel_hpc.tracking",
-              "oel_hpc.verify", "oel_hpc.vllm_check"]
+              "oel_hpc.verify", "oel_hpc.vllm_check", "oel_hpc.report", "oel_hpc.svgplot", "oel_hpc.taskprogress"]
 
 
 def all_modules() -> list[str]:

@@ -81,12 +81,16 @@ def test_squeue_rows():
     ])
     rows = slurm.parse_squeue(out)
     assert sorted(k for k in rows if k[0] == "123") == [("123", t) for t in range(3, 10)]
-    assert rows[("123", 7)] == {"state": "PENDING", "reason": "JobArrayTaskLimit", "elapsed_s": 0, "node": None}
-    assert rows[("123", 3)] == {"state": "RUNNING", "reason": None, "elapsed_s": 62, "node": "gpu01"}
+    # old-format lines (five fields): no time left, no expected start
+    assert rows[("123", 7)] == {"state": "PENDING", "reason": "JobArrayTaskLimit", "elapsed_s": 0, "node": None,
+                                "time_left_s": None, "expected_start": None}
+    assert rows[("123", 3)] == {"state": "RUNNING", "reason": None, "elapsed_s": 62, "node": "gpu01",
+                                "time_left_s": None, "expected_start": None}
     assert rows[("812", None)]["state"] == "PENDING" and rows[("812", None)]["reason"] == "BeginTime"
     assert rows[("813", None)]["state"] == "REQUEUE_HOLD"
     assert slurm.never_starts(rows[("40", None)])
-    assert rows[("41", None)] == {"state": "COMPLETING", "reason": None, "elapsed_s": 93607, "node": "gpu[01-02]"}
+    assert rows[("41", None)] == {"state": "COMPLETING", "reason": None, "elapsed_s": 93607, "node": "gpu[01-02]",
+                                  "time_left_s": None, "expected_start": None}
     assert rows[("42", None)]["reason"] is None
     assert len(rows) == 12
 
@@ -108,7 +112,7 @@ def test_sacct_rows():
     assert rows[("123", 5)]["start"] is None and rows[("123", 5)]["end"] is None
     assert rows[("123", 3)] == {"state": "RUNNING", "reason": None, "elapsed_s": 62, "exit_code": "0:0",
                                 "node": "gpu01", "name": "oel:r:r1:extract", "start": "2026-01-01T00:00:00",
-                                "end": None}
+                                "end": None, "restarts": 0, "submit": None}
     assert rows[("123", 2)]["state"] == "CANCELLED"
     assert (rows[("123", 1)]["state"], rows[("123", 1)]["exit_code"]) == ("FAILED", "3:0")
     assert (rows[("812", None)]["state"], rows[("812", None)]["node"]) == ("RUNNING", "gpu04")
@@ -167,7 +171,8 @@ echo "77|RUNNING|0:05|gpu01|gpu01"
 """)
     runner = quick()
     assert Slurm(runner).queue(["77"]) == {("77", None): {"state": "RUNNING", "reason": None, "elapsed_s": 5,
-                                                          "node": "gpu01"}}
+                                                          "node": "gpu01", "time_left_s": None,
+                                                          "expected_start": None}}
     assert len(calls(log)) == 3 and runner.waits == list(slurm.BACKOFF_S)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 2 and all("Socket timed out" in w for w in warned) and "attempt 3 of 3" in warned[1]
