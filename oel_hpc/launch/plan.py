@@ -227,7 +227,7 @@ def format_plan(cfg: DictConfig, paths: RunPaths, plan: Plan) -> str:
     lines = [f"Plan for run '{cfg.run.name}' (run directory {paths.root}): nothing submitted, nothing written."]
     if limits.asked:
         p = limits.partition
-        where = (f"partition {p.get('PartitionName')} (MaxTime {p.get('MaxTime')}, {p.get('TotalNodes')} nodes)"
+        where = (f"partition {p.get('PartitionName')} (MaxTime {p.get('MaxTime')}, nodes {p.get('TotalNodes')})"
                  if p else "partition not known")
         lines.append(f"Cluster: {where}; MaxArraySize {limits.max_array_size} ({limits.max_array_size_from})"
                      + (f"; MaxJobCount {limits.max_job_count}" if limits.max_job_count else ""))

@@ -6,8 +6,9 @@ N nodes × T tasks; gather and deploy one job each (deploy depends only on the p
 so it runs beside extraction). An array whose indices would reach the cluster's MaxArraySize (`scontrol show
 config`, or cluster.max_array_size) is submitted as several arrays (oel_hpc.slurm.split_array), each with an
 index offset its jobs get as OEL_TASK_OFFSET (task = SLURM_ARRAY_TASK_ID + offset; manifest: the submission's
-`index_offset`); what depends on the stage waits for all of them. cluster.array_throttle adds `%N` to --array. The scripts are rendered by `oel_hpc.launch.render` into `<run>/slurm/` and
-submitted as they are (`sbatch --parsable [--array=…] [--dependency=afterok:…] <script>`).
+`index_offset`); what depends on the stage waits for all of them. cluster.array_throttle adds `%N` to --array.
+The scripts are rendered by `oel_hpc.launch.render` into `<run>/slurm/` and submitted as they are (`sbatch
+--parsable [--array=…] [--export=ALL,OEL_TASK_OFFSET=…] [--dependency=afterok:…] <script>`).
 
 Resuming: the same command again submits only the tasks that are neither DONE nor still queued/running. A task
 counts as queued/running when one of its stage's jobs in the manifest shows it in `squeue` (pending jobs that

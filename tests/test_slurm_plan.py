@@ -1,0 +1,99 @@
+"""MaxArraySize splits on the real local test cluster (tools/slurm/start.sh; skipped without SLURM_CONF).
+
+A run with 10 seeds and cluster.max_array_size=4: the extraction goes as 3 arrays (seeds 0-3, 4-7 with offset 4,
+8-9 with offset 8), each array task runs seed index + offset, every DONE marker is written, the gather waited for
+all three arrays, and `python -m oel_hpc.status` shows every task done under its Slurm name. The planner, asked
+first, says the same split.
+
+The jobs run the real worker (`python -m oel_hpc.worker`: config, DAG, the task from SLURM_ARRAY_TASK_ID and
+OEL_TASK_OFFSET, lifecycle, DONE markers) through a stand-in interpreter (cluster.python) whose stage bodies only
+write down which task they ran: the tiny model's 10 extraction seeds would take minutes on 2 cores.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_slurm_launch import _cluster_problem, hydra_quoted, oel, sacct, wait_for_run
+
+# `<python> -m oel_hpc.worker <run> <stage>` with every stage body replaced: it records the task and the Slurm
+# variables it ran under, and returns that record as its output (the DONE marker records it)
+STUB = """#!{python}
+import json, os, sys
+sys.path.insert(0, os.getcwd())  # as `python -m` does: the checkout the job was submitted from
+from oel_hpc import lifecycle
+
+def body(ctx, stage, r, task):
+    out = ctx.paths.done(r, stage, task).parent / f"ran_{{stage}}_{{task}}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({{"task": task, "job": os.environ.get("SLURM_ARRAY_JOB_ID"),
+                               "index": os.environ.get("SLURM_ARRAY_TASK_ID"),
+                               "offset": os.environ.get("OEL_TASK_OFFSET")}}))
+    return [out]
+
+lifecycle.run_task = body
+from oel_hpc.worker import main
+assert sys.argv[1:3] == ["-m", "oel_hpc.worker"], sys.argv
+sys.exit(main(sys.argv[3:]))
+"""
+SMALL = ["wandb.mode=disabled", "extract.seeds=10", "cluster.max_array_size=4", "launch.check_python=false",
+         "cluster.resources.consolidate.tasks_per_node=1", "run.name=split"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _slurm_cluster():
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(f"no Slurm test cluster: {problem}")
+
+
+def test_a_split_extraction_runs_every_seed_once_under_its_offset(tmp_path):
+    root = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stub = tmp_path / "stub python"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    small = [*SMALL, f"cluster.python={hydra_quoted(stub)}"]
+    plan = oel(root, *small, "launch.plan_only=true", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "split into 3 arrays (seeds 0-3; seeds 4-7 as indices 0-3 (offset 4); seeds 8-9 as indices 0-1 " \
+           "(offset 8))" in plan.stdout
+    assert "7 sbatch calls (round 1: 7)" in plan.stdout and not root.exists()
+
+    out = oel(root, *small, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = root / "split"
+    stages = {s["id"]: s for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    extract = stages["r1/extract"]["submissions"]
+    assert [(s["tasks"], s.get("index_offset")) for s in extract] == [([0, 1, 2, 3], None), ([4, 5, 6, 7], 4),
+                                                                      ([8, 9], 8)]
+    arrays = [s["job_id"] for s in extract]
+    assert stages["r1/gather"]["submissions"][0]["dependency"] == arrays
+    try:
+        wait_for_run(run)
+    finally:
+        subprocess.run(["scancel", *[j for s in stages.values() for j in s["job_ids"]]], capture_output=True,
+                       timeout=30)
+
+    # every array task ran once, and ran seed index + offset
+    rows = sacct(arrays)
+    ran = {}
+    for seed in range(10):
+        record = json.loads((run / "round_1" / "extract" / f"seed_{seed}" / f"ran_extract_{seed}.json").read_text())
+        assert (run / "round_1" / "extract" / f"seed_{seed}" / "DONE").is_file(), seed
+        ran[seed] = (record["job"], int(record["index"]), int(record["offset"]))
+    expected_refs = {seed: (arrays[min(seed // 4, 2)], seed - 4 * min(seed // 4, 2)) for seed in range(10)}
+    assert ran == {seed: (job, index, seed - index) for seed, (job, index) in expected_refs.items()}
+    assert sorted(ref for ref in rows if "_" in ref) == sorted(f"{j}_{i}" for j, i in expected_refs.values())
+    assert all(rows[f"{j}_{i}"]["State"] == "COMPLETED" for j, i in expected_refs.values())
+
+    status = subprocess.run([sys.executable, "-m", "oel_hpc.status", str(run), "--json"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT, env=env)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["all_done"], [(s["id"], s["state"]) for s in report["stages"]]
+    shown = {row["task"]: row["job_id"] for s in report["stages"] if s["id"] == "r1/extract" for row in s["tasks"]}
+    assert shown == {seed: f"{job}_{index}" for seed, (job, index) in expected_refs.items()}
