@@ -125,12 +125,20 @@ def _covers(base: str, explicit: Optional[set], task: int, sacct: dict, squeue: 
     """Does this job cover the task? None: cannot tell (Slurm knows no task rows of it yet, or failed)."""
     if explicit is not None:
         return task in explicit
-    keys = [k for k in (*sacct, *squeue) if k[0] == base]
     if (base, task) in sacct or (base, task) in squeue:
         return True
-    if not keys or (base, None) in sacct or (base, None) in squeue:
+    if base not in _bases_with_rows(sacct, squeue) or (base, None) in sacct or (base, None) in squeue:
         return None
     return False
+
+
+_SEEN: list = []  # [sacct, squeue, the job ids they have rows of]: computed once per pair of tables, not per task
+
+
+def _bases_with_rows(sacct: dict, squeue: dict) -> set:
+    if not _SEEN or _SEEN[0] is not sacct or _SEEN[1] is not squeue:
+        _SEEN[:] = [sacct, squeue, {k[0] for k in (*sacct, *squeue)}]
+    return _SEEN[2]
 
 
 def _done_path(paths: RunPaths, r, stage: str, task: Optional[int]) -> Optional[Path]:
