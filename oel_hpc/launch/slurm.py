@@ -171,9 +171,11 @@ def _submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str, 
         slurm.cancel(choice.cancel)
         report.cancelled = choice.cancel
     manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash, found.redo)
-    if any(n.tasks is not None and n.id in choice.submit for n in nodes):
+    arrays = [t for n in nodes if n.tasks is not None for t in choice.submit.get(n.id, []) if t is not None]
+    if arrays:
         report.max_array_size, report.max_array_size_from = max_array_size(cfg, slurm)
-        if report.max_array_size_from.startswith("Slurm's default"):
+        if report.max_array_size_from.startswith("Slurm's default") and max(arrays) >= report.max_array_size:
+            # said only when it decides a split (else sbatch's own error, if any, is the one line that matters)
             log.warning(f"MaxArraySize {report.max_array_size}: {report.max_array_size_from}")
     _submit_in_dag_order(slurm, paths, nodes, choice, manifest, report, cfg.cluster.array_throttle)
     return report
