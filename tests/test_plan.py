@@ -21,7 +21,9 @@ from tests.test_slurm_module import calls, fake, quick
 
 SCONTROL = """
 if [ "$1 $2" = "show config" ]; then
-  printf 'Configuration data as of now\\nMaxArraySize            = {max_array}\\nMaxJobCount             = {max_jobs}\\n'
+  echo 'Configuration data as of now'
+  echo 'MaxArraySize            = {max_array}'
+  echo 'MaxJobCount             = {max_jobs}'
   exit 0
 fi
 if [ "$1 $2" = "show partition" ]; then echo "{partition}"; exit 0; fi

@@ -2,8 +2,8 @@
 
 A run with 5 seeds and cluster.max_array_size=2: the extraction goes as 3 arrays (seeds 0-1, 2-3 with offset 2, 4
 with offset 4), the evaluation (steps 0, 1, 2) as 2; each array task runs its index + offset, every DONE marker is
-written, the gather waited for all three extraction arrays, and `python -m oel_hpc.status` shows every task done under its Slurm name. The planner, asked
-first, says the same split.
+written, the gather waited for all three extraction arrays, and `python -m oel_hpc.status` shows every task done
+under its Slurm name. The planner, asked first, says the same split.
 
 The jobs run the real worker (`python -m oel_hpc.worker`: config, DAG, the task from SLURM_ARRAY_TASK_ID and
 OEL_TASK_OFFSET, lifecycle, DONE markers) through a stand-in interpreter (cluster.python) whose stage bodies only

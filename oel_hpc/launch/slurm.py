@@ -1,12 +1,13 @@
 """The Slurm launcher: submits the DAG of a run as sbatch jobs chained by afterok dependencies, then returns.
 
-Per round one `sbatch` per stage (5), whatever the number of seeds and checkpoints: extraction is ONE
-array over the pending seeds, evaluation ONE array over the pending checkpoint steps, consolidation one job of
-N nodes × T tasks; gather and deploy one job each (deploy depends only on the previous round's consolidation,
-so it runs beside extraction). An array whose indices would reach the cluster's MaxArraySize (`scontrol show
-config`, or cluster.max_array_size) is submitted as several arrays (oel_hpc.slurm.split_array), each with an
-index offset its jobs get as OEL_TASK_OFFSET (task = SLURM_ARRAY_TASK_ID + offset; manifest: the submission's
-`index_offset`); what depends on the stage waits for all of them. cluster.array_throttle adds `%N` to --array.
+Per round at most one `sbatch` per stage (5; one per part of a split array), whatever the number of seeds and
+checkpoints: extraction is ONE array over the pending seeds, evaluation ONE array over the pending checkpoint
+steps, consolidation one job of N nodes × T tasks; gather and deploy one job each (deploy depends only on the
+previous round's consolidation, so it runs beside extraction). An array whose indices would reach the cluster's
+MaxArraySize (`scontrol show config`, or cluster.max_array_size) is submitted as several arrays
+(oel_hpc.slurm.split_array), each with an index offset its jobs get as OEL_TASK_OFFSET (task =
+SLURM_ARRAY_TASK_ID + offset; manifest: the submission's `index_offset`); what depends on the stage waits for all
+of them. cluster.array_throttle adds `%N` to --array.
 The scripts are rendered by `oel_hpc.launch.render` into `<run>/slurm/` and submitted as they are (`sbatch
 --parsable [--array=…] [--export=ALL,OEL_TASK_OFFSET=…] [--dependency=afterok:…] <script>`).
 
