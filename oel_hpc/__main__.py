@@ -8,7 +8,8 @@ as one array job and block until it ends, so it is never started. The config is 
 API (every override, group and `--cfg job` works as usual) and `hydra.launcher.*` values a user may pass
 (partition, account, qos, constraint, timeout_min, gpus_per_node, cpus_per_task, mem_gb, nodes, tasks_per_node,
 signal_delay_s, setup, additional_parameters, ...) are mapped onto `cluster.*` (see HYDRA_LAUNCHER_KEYS).
-`launch.render_only=true` writes the sbatch scripts without submitting.
+`launch.render_only=true` writes the sbatch scripts without submitting; `launch.plan_only=true` prints what would
+be submitted (jobs, tasks, nodes x GPUs, time limits, GPU-hours, what the cluster would refuse) and writes nothing.
 
 Exit status (oel_hpc/errors.py, the same for `python -m oel_hpc.worker`): 0 done; 2 bad input, said in one line;
 75 a consolidation stopped early with a checkpoint (the same command resumes it); anything else a failure.
@@ -127,7 +128,8 @@ _UNSUPPORTED = {
     "submitit_folder": "logs go to <run>/logs", "stderr_to_stdout": "stderr goes to the job's log already",
 }
 _LAUNCHER_ARG = re.compile(r"^[+~]{0,2}hydra\.launcher\.(?P<key>\w+)[.=]")
-_SLURM_ARG = re.compile(r"^(hydra/launcher=submitit_slurm|cluster\.launcher=slurm|launch\.render_only=[Tt]rue)$")
+_SLURM_ARG = re.compile(r"^(hydra/launcher=submitit_slurm|cluster\.launcher=slurm"
+                        r"|launch\.(render|plan)_only=[Tt]rue)$")
 
 
 def _launcher_keys(argv: list[str]) -> list[str]:
@@ -201,6 +203,11 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     validate(cfg, check_files=not render_only)
     paths = guard.check_run_dir(cfg)
     nodes = build_dag(cfg)
+    if cfg.launch.plan_only:
+        from oel_hpc.launch.plan import plan_only
+
+        print(plan_only(cfg, paths, nodes))
+        return 0
     if render_only:
         folder = slurm.render_only(cfg, paths, nodes)
         print(f"Rendered {len(nodes)} sbatch scripts and submit.sh for run '{cfg.run.name}' into {folder} "
@@ -277,7 +284,8 @@ def _main(argv: list[str]) -> None:
             raise ConfigError("overrides", f"{message.split('; ')[0]}: Slurm launching takes one run per "
                               "command; run it once per value, each with its own run.name") from None
         raise ConfigError("overrides", message) from None
-    if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
+    if (cfg.cluster.launcher != "slurm" and not cfg.launch.render_only and not cfg.launch.plan_only
+            or show in ("hydra", "all")):
         if show is None:
             check_schema(cfg)  # before Hydra's multirun (-m) makes its sweep folder
         hydra_main()

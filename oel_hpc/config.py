@@ -361,6 +361,10 @@ class ClusterConfig:
     # (e.g. the Hugging Face cache when model.path is a hub id)
     container_binds: list[str] = field(default_factory=list)
     extra_sbatch: list[str] = field(default_factory=list)  # passed through as `#SBATCH <line>`
+    # array indices must stay below the cluster's MaxArraySize: larger arrays are split (oel_hpc/slurm.py
+    # split_array); null = ask the cluster (`scontrol show config`), 1001 (Slurm's default) where it cannot be asked
+    max_array_size: Optional[int] = None
+    array_throttle: Optional[int] = None  # `%N` on every --array: at most N tasks of one array run at once
 
 
 @dataclass
@@ -371,6 +375,9 @@ class LaunchConfig:
     # before submitting: run `<cluster.python> -c "import oel_hpc"` as a job would (false: a stand-in interpreter,
     # or compute nodes whose interpreter cannot run on the submitting host)
     check_python: bool = True
+    # print what would be submitted now (jobs, tasks, nodes x GPUs, time limits, GPU-hours) and what the cluster
+    # would refuse, then exit without submitting or writing anything (oel_hpc/launch/plan.py)
+    plan_only: bool = False
 
 
 @dataclass
@@ -461,6 +468,9 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError("env.name", f"unknown game '{cfg.env.name}' (choose from: {', '.join(GAMES)})")
     validate_sharing_and_tracking(cfg)
     validate_env(cfg)
+    if cfg.launch.plan_only and cfg.cluster.launcher != "slurm":
+        raise ConfigError("launch.plan_only", "plans a Slurm submission, but cluster.launcher=local: pick a Slurm "
+                          "preset (cluster=local_slurm, a100, h100, b200) or set cluster.launcher=slurm")
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
         validate_cluster(cfg)
     validate_trainer(cfg)
@@ -721,6 +731,8 @@ RANGES: dict[tuple[type, str], Range] = {
     (ClusterConfig, "cpus_per_task"): Range(1, 10_000),
     (ClusterConfig, "mem_gb"): Range(0, 1_000_000),
     (ClusterConfig, "signal_before_end_s"): Range(1, 31_536_000),
+    (ClusterConfig, "max_array_size"): Range(1, 4_000_001),  # Slurm's own upper bound for MaxArraySize
+    (ClusterConfig, "array_throttle"): Range(1, 4_000_001),
     (WandbConfig, "init_timeout_s"): Range(0, 3600, lo_open=True),
 }
 RUN_NAME_MAX = 100  # a folder name, and part of every job name and log file name under it

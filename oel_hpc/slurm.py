@@ -87,6 +87,40 @@ def expand_indices(spec: str) -> list[int]:
     return out
 
 
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize: array indices 0..1000
+TASK_OFFSET_VAR = "OEL_TASK_OFFSET"  # a split array's jobs get it: task = SLURM_ARRAY_TASK_ID + offset
+
+
+@dataclass(frozen=True)
+class ArrayPart:
+    """One sbatch of an array stage: `tasks` (the real seeds / checkpoint steps) run as array indices
+    `task - offset`, every one below MaxArraySize."""
+    offset: int
+    tasks: list[int]
+
+    def indices(self) -> list[int]:
+        return [t - self.offset for t in self.tasks]
+
+    def spec(self, throttle: Optional[int] = None) -> str:
+        """--array's value: the indices, `%N` at most N tasks running at once."""
+        return array_spec(self.indices()) + (f"%{throttle}" if throttle else "")
+
+
+def split_array(tasks: Sequence[int], max_array_size: int) -> list[ArrayPart]:
+    """The fewest arrays whose indices all stay below `max_array_size` (Slurm refuses an index >= MaxArraySize,
+    whatever the number of tasks). Tasks that fit as they are keep offset 0 (the array index is the task);
+    each further part starts at its first task (offset = that task, index 0)."""
+    if max_array_size < 1:
+        raise ValueError(f"max_array_size must be >= 1, got {max_array_size}")
+    parts: list[ArrayPart] = []
+    for task in sorted(set(tasks)):
+        if parts and task - parts[-1].offset < max_array_size:
+            parts[-1].tasks.append(task)
+        else:
+            parts.append(ArrayPart(0 if not parts and task < max_array_size else task, [task]))
+    return parts
+
+
 def job_ref(job: str, task: Optional[int] = None) -> str:
     """How Slurm names a job (`123`) or one task of an array job (`123_4`)."""
     return str(job) if task is None else f"{job}_{task}"
@@ -119,6 +153,27 @@ def seconds_of(text: Optional[str]) -> Optional[int]:
         return None
     d, h, mi, s = (int(g) if g else 0 for g in m.groups())
     return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+def parse_settings(text: str) -> dict[str, str]:
+    """`scontrol show config` (`Key = Value` lines) or `scontrol show partition -o` (`Key=Value` words on one
+    line) → {key: value}."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if " = " in line:
+            key, _, value = line.partition(" = ")
+            out[key.strip()] = value.strip()
+        else:
+            for word in line.split():
+                key, eq, value = word.partition("=")
+                if eq:
+                    out[key] = value
+    return out
+
+
+def parse_partitions(text: str) -> list[dict[str, str]]:
+    """`scontrol show partition -o`: one {key: value} per partition (one line each)."""
+    return [parse_settings(line) for line in text.splitlines() if line.strip().startswith("PartitionName=")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,11 +392,15 @@ class Slurm:
         self.run = runner or Runner()
         self.sbatch_calls: list[list[str]] = []
 
-    def sbatch(self, script: Path, array: Optional[str] = None, dependency: Sequence[str] = ()) -> str:
-        """Submit `script`; returns the job id. `--parsable` makes the answer the id alone (`<id>[;<cluster>]`)."""
+    def sbatch(self, script: Path, array: Optional[str] = None, dependency: Sequence[str] = (),
+               task_offset: Optional[int] = None) -> str:
+        """Submit `script`; returns the job id. `--parsable` makes the answer the id alone (`<id>[;<cluster>]`).
+        `task_offset` (arrays): passed to the jobs as OEL_TASK_OFFSET, always, so none inherits a stale one."""
         argv = ["sbatch", "--parsable"]
         if array is not None:
             argv.append(f"--array={array}")
+        if task_offset is not None:
+            argv.append(f"--export=ALL,{TASK_OFFSET_VAR}={int(task_offset)}")
         if dependency:
             argv.append("--dependency=afterok:" + ":".join(dependency))
         argv.append(str(script))
@@ -370,6 +429,16 @@ class Slurm:
                 "--format=" + ",".join(SACCT_FIELDS)]
         out = self.run(argv, changes=False)
         return parse_sacct(out)
+
+    def show_config(self) -> dict[str, str]:
+        """`scontrol show config`: the controller's settings (MaxArraySize, MaxJobCount, ...)."""
+        return parse_settings(self.run(["scontrol", "show", "config"], changes=False,
+                                       what="scontrol show config"))
+
+    def partitions(self, name: Optional[str] = None) -> list[dict[str, str]]:
+        """`scontrol show partition [<name>] -o`: that partition's settings, or every partition's."""
+        argv = ["scontrol", "show", "partition", *([name] if name else []), "-o"]
+        return parse_partitions(self.run(argv, changes=False, what=" ".join(argv[:3])))
 
     def cancel(self, refs: Sequence[str]) -> None:
         if refs:

@@ -288,6 +288,29 @@ def _span(rows: list[dict], now: float) -> Optional[float]:
     return max(ends) - min(starts) if starts else None
 
 
+def index_offsets(stages: list[dict]) -> dict[str, int]:
+    """{array job id: index_offset} of the split arrays in the manifest (contract: absent = 0, left out)."""
+    out = {}
+    for stage in stages:
+        for sub in stage.get("submissions") or []:
+            if isinstance(sub, dict) and isinstance(sub.get("index_offset"), int) and sub["index_offset"]:
+                out[str(sub.get("job_id"))] = sub["index_offset"]
+    return out
+
+
+def _shifted(rows: dict, offsets: dict[str, int]) -> dict:
+    return {(base, task + offsets[base] if task is not None and base in offsets else task): row
+            for (base, task), row in rows.items()}
+
+
+def _slurm_refs(rows: list[dict], offsets: dict[str, int]) -> None:
+    """A row's job id as Slurm names it (`<array>_<index>`, index = task - offset), for scancel and the logs."""
+    for row in rows:
+        parsed = parse_job_id(row["job_id"] or "")
+        if parsed and parsed[0] in offsets and parsed[1]:
+            row["job_id"] = job_ref(parsed[0], next(iter(parsed[1])) - offsets[parsed[0]])
+
+
 def collect(run_dir: Path, run_slurm=query_slurm, verify: bool = False) -> dict:
     """Everything the table shows, as a dict (what --json prints). `verify`: hash every file DONE markers record."""
     return collect_runs([run_dir], run_slurm, verify)[0]
@@ -380,6 +403,9 @@ def _add_live(stage: dict, row: dict, paths: RunPaths, config: _Config, now: flo
 
 def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, bases: list, sacct: dict,
                  squeue: dict, problems: list, known: set, verify: bool) -> dict:
+    offsets = index_offsets(stages)
+    if offsets:  # Slurm's rows of a split array, keyed by the run's task (index + offset) like every other row
+        sacct, squeue = _shifted(sacct, offsets), _shifted(squeue, offsets)
     slurm_ok = bool(bases) and not problems
     now = time.time()
     config = _Config(paths)
@@ -389,6 +415,8 @@ def _collect_one(manifest: dict, paths: RunPaths, stages: list, jobs: dict, base
         tasks = stage.get("tasks")
         rows = [_task_row(stage, t, jobs.get(stage.get("id"), []), sacct, squeue, paths, slurm_ok, verify, known)
                 for t in (tasks if isinstance(tasks, list) else [None])]
+        if offsets:
+            _slurm_refs(rows, offsets)
         upstream = [by_id.get(d, {}).get("state") for d in stage.get("depends_on") or []]
         if any(u in ("failed", "blocked", "changed", "damaged") for u in upstream):
             for row in rows:  # never submitted, or waiting locally, behind a stage that will not finish

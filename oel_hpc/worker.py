@@ -1,5 +1,8 @@
 """`python -m oel_hpc.worker <run-dir> <stage-id> [--task N]`: run one task of a run, as a batch job does.
 
+An array job's task is its SLURM_ARRAY_TASK_ID plus OEL_TASK_OFFSET (set by the launcher on the parts of an array
+split to keep its indices below MaxArraySize; unset = 0).
+
 Everything comes from the run directory (config.yaml, the DAG rebuilt from it, files on disk), never from the
 submitting process: a requeued or resubmitted job finds the state it needs by itself. The task runs through
 oel_hpc/lifecycle.py, as under the local launcher: a task already DONE under the same config is skipped (a job may
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from oel_hpc.errors import ConfigError, MissingInput, exit_on_error
+from oel_hpc.slurm import TASK_OFFSET_VAR
 
 PROG = "oel_hpc.worker"
 
@@ -52,14 +56,25 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("stage_id", help="e.g. r1/extract")
     parser.add_argument("--task", type=int, default=None,
-                        help="array task (extract: seed, evaluate: step); default $SLURM_ARRAY_TASK_ID")
+                        help="array task (extract: seed, evaluate: step); default $SLURM_ARRAY_TASK_ID + "
+                             "$OEL_TASK_OFFSET (a split array's offset, 0 when unset)")
     args = parser.parse_args(argv)
-    task = args.task
-    if task is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        task = int(os.environ["SLURM_ARRAY_TASK_ID"])
     with exit_on_error(PROG):
+        task = args.task if args.task is not None else array_task(os.environ)
         run(args.run_dir, args.stage_id, task)
     return 0
+
+
+def array_task(environ) -> Optional[int]:
+    """The task an array job runs: its index plus the index offset the launcher gave a split array's jobs
+    (oel_hpc/launch/slurm.py); None outside an array job."""
+    index = environ.get("SLURM_ARRAY_TASK_ID")
+    if not index:
+        return None
+    offset = environ.get(TASK_OFFSET_VAR) or "0"
+    if not offset.isdigit():
+        raise ConfigError(TASK_OFFSET_VAR, f"must be a non-negative integer, got {offset!r}")
+    return int(index) + int(offset)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """The Slurm launcher: submits the DAG of a run as sbatch jobs chained by afterok dependencies, then returns.
 
-Per round at most one `sbatch` per stage (5), whatever the number of seeds and checkpoints: extraction is ONE
-array over the pending seeds, evaluation ONE array over the pending checkpoint steps, consolidation one job of
-N nodes × T tasks; gather and deploy one job each (deploy depends only on the previous round's consolidation,
-so it runs beside extraction). The scripts are rendered by `oel_hpc.launch.render` into `<run>/slurm/` and
-submitted as they are (`sbatch --parsable [--array=…] [--dependency=afterok:…] <script>`).
+Per round at most one `sbatch` per stage (5; one per part of a split array), whatever the number of seeds and
+checkpoints: extraction is ONE array over the pending seeds, evaluation ONE array over the pending checkpoint
+steps, consolidation one job of N nodes × T tasks; gather and deploy one job each (deploy depends only on the
+previous round's consolidation, so it runs beside extraction). An array whose indices would reach the cluster's
+MaxArraySize (`scontrol show config`, or cluster.max_array_size) is submitted as several arrays
+(oel_hpc.slurm.split_array), each with an index offset its jobs get as OEL_TASK_OFFSET (task =
+SLURM_ARRAY_TASK_ID + offset; manifest: the submission's `index_offset`); what depends on the stage waits for all
+of them. cluster.array_throttle adds `%N` to --array.
+The scripts are rendered by `oel_hpc.launch.render` into `<run>/slurm/` and submitted as they are (`sbatch
+--parsable [--array=…] [--export=ALL,OEL_TASK_OFFSET=…] [--dependency=afterok:…] <script>`).
 
 Resuming: the same command again submits only the tasks that are neither DONE nor still queued/running. A task
 counts as queued/running when one of its stage's jobs in the manifest shows it in `squeue` (pending jobs that
@@ -29,7 +34,8 @@ from oel_hpc.log import get_logger
 from oel_hpc.pipeline import Manifest, Node, clear_for_redo, clear_outputs, now, plan, survey, task_state
 from oel_hpc.rundir import RunPaths, dir_mode, read_started, share_run_dir, write_text_atomic
 from oel_hpc.runlock import launcher_lock
-from oel_hpc.slurm import PENDING, Slurm, array_spec, in_queue, job_ref, never_starts, phase
+from oel_hpc.slurm import (DEFAULT_MAX_ARRAY_SIZE, PENDING, ArrayPart, Slurm, array_spec, in_queue, job_ref,
+                            never_starts, phase, split_array)
 
 log = get_logger(__name__)
 
@@ -40,6 +46,7 @@ class Submission:
     job_id: str
     tasks: list[Optional[int]]
     dependency: list[str]
+    index_offset: Optional[int] = None  # arrays: task = array index + offset
 
 
 @dataclass
@@ -49,6 +56,8 @@ class SubmitReport:
     in_flight: dict[str, list[str]] = field(default_factory=dict)  # node id → job refs left queued/running
     cancelled: list[str] = field(default_factory=list)
     sbatch_seconds: float = 0.0
+    max_array_size: Optional[int] = None  # what the arrays were split by (when there were arrays to submit)
+    max_array_size_from: Optional[str] = None  # where that came from
 
     def sbatch_per_round(self) -> dict[int, int]:
         per: dict[int, int] = {}
@@ -94,6 +103,39 @@ def render_only(cfg: DictConfig, paths: RunPaths, nodes: list[Node]) -> Path:
     return paths.root / "slurm"
 
 
+def max_array_size(cfg: DictConfig, slurm: Optional[Slurm], ask: bool = True) -> tuple[int, str]:
+    """(MaxArraySize, where it came from): cluster.max_array_size when set; else the cluster's (one `scontrol show
+    config`); else, when Slurm cannot be asked (`ask` false, or scontrol fails), Slurm's default 1001, said so."""
+    if cfg.cluster.max_array_size is not None:
+        return int(cfg.cluster.max_array_size), "cluster.max_array_size"
+    why = "not asked"
+    if ask and slurm is not None:
+        try:
+            value = slurm.show_config().get("MaxArraySize", "")
+            if value.isdigit():
+                return int(value), "scontrol show config"
+            why = f"scontrol show config has no MaxArraySize ({value!r})"
+        except SlurmError as e:
+            why = str(e)
+    return DEFAULT_MAX_ARRAY_SIZE, (f"Slurm's default: the cluster could not be asked ({why}); set "
+                                    "cluster.max_array_size if yours differs")
+
+
+def array_parts(tasks: list[Optional[int]], limit: int) -> list[ArrayPart]:
+    return split_array([t for t in tasks if t is not None], limit)
+
+
+def queued_task(task: Optional[int], offsets: dict[str, int], job: str) -> Optional[int]:
+    """The run's task an array job's index stands for (its submission's index_offset added)."""
+    return None if task is None else task + offsets.get(job, 0)
+
+
+def index_offsets(entry: dict) -> dict[str, int]:
+    """{array job id: index_offset} of a manifest stage entry's submissions (absent = 0)."""
+    return {str(sub.get("job_id")): int(sub.get("index_offset") or 0) for sub in entry.get("submissions") or []
+            if isinstance(sub, dict)}
+
+
 def _old_manifest(paths: RunPaths) -> dict[str, dict]:
     if not paths.manifest.is_file():
         return {}
@@ -130,7 +172,13 @@ def _submit(cfg: DictConfig, paths: RunPaths, nodes: list[Node], run_hash: str, 
         slurm.cancel(choice.cancel)
         report.cancelled = choice.cancel
     manifest = _prepare_run_dir(cfg, paths, nodes, todo, choice.submit, old, run_hash, found.redo)
-    _submit_in_dag_order(slurm, paths, nodes, choice, manifest, report)
+    arrays = [t for n in nodes if n.tasks is not None for t in choice.submit.get(n.id, []) if t is not None]
+    if arrays:
+        report.max_array_size, report.max_array_size_from = max_array_size(cfg, slurm)
+        if report.max_array_size_from.startswith("Slurm's default") and max(arrays) >= report.max_array_size:
+            # said only when it decides a split (else sbatch's own error, if any, is the one line that matters)
+            log.warning(f"MaxArraySize {report.max_array_size}: {report.max_array_size_from}")
+    _submit_in_dag_order(slurm, paths, nodes, choice, manifest, report, cfg.cluster.array_throttle)
     return report
 
 
@@ -141,13 +189,14 @@ def _queued_tasks(slurm: Slurm, nodes: list[Node], old: dict[str, dict]) -> dict
     """What earlier submissions (the manifest's job ids) still have queued or running, per node and task. Jobs of
     another config still queued are a conflict: they would write this run's outputs."""
     known = {n.id: [str(j) for j in old.get(n.id, {}).get("job_ids", []) if str(j).isdigit()] for n in nodes}
+    offsets = {n.id: index_offsets(old.get(n.id, {})) for n in nodes}  # split arrays: index + offset = task
     rows = slurm.queue(sorted({j for ids in known.values() for j in ids}, key=int))
     live: dict[str, Rows] = {}
     for n in nodes:
         for (job, task), row in rows.items():
             if job in known[n.id] and in_queue(row["state"]):
-                live.setdefault(n.id, {}).setdefault(task if n.tasks is not None else None, []).append(
-                    (job, task, row))
+                key = queued_task(task, offsets[n.id], job) if n.tasks is not None else None
+                live.setdefault(n.id, {}).setdefault(key, []).append((job, task, row))
     for n in nodes:
         if live.get(n.id) and old.get(n.id, {}).get("hash") != n.hash:
             jobs = sorted({job for entries in live[n.id].values() for job, _, _ in entries})
@@ -215,11 +264,12 @@ def _prepare_run_dir(cfg: DictConfig, paths: RunPaths, nodes: list[Node], todo: 
 
 
 def _submit_in_dag_order(slurm: Slurm, paths: RunPaths, nodes: list[Node], choice: Choice, manifest: Manifest,
-                         report: SubmitReport) -> None:
-    """One sbatch per node with tasks to submit, each depending (afterok) on its upstream jobs submitted now and
-    on its upstream tasks still queued; every job id goes into the manifest as soon as Slurm gives it. If an
-    sbatch fails, the jobs this call submitted are cancelled: nothing is left half-chained in the queue."""
-    submitted: dict[str, str] = {}
+                         report: SubmitReport, throttle: Optional[int] = None) -> None:
+    """One sbatch per node with tasks to submit (an array split by MaxArraySize: one per part), each depending
+    (afterok) on its upstream jobs submitted now (every part of a split array) and on its upstream tasks still
+    queued; every job id goes into the manifest as soon as Slurm gives it. If an sbatch fails, the jobs this call
+    submitted are cancelled: nothing is left half-chained in the queue."""
+    submitted: dict[str, list[str]] = {}
     t0 = time.perf_counter()
     try:
         for n in nodes:
@@ -228,35 +278,42 @@ def _submit_in_dag_order(slurm: Slurm, paths: RunPaths, nodes: list[Node], choic
                 continue
             dependency = []
             for d in n.deps:
-                if d in submitted:
-                    dependency.append(submitted[d])
+                dependency += submitted.get(d, [])
                 dependency += choice.keep.get(d, [])
             script = paths.root / "slurm" / render.script_name(n)
-            array = array_spec([t for t in tasks if t is not None]) if n.tasks is not None else None
-            job_id = slurm.sbatch(script, array=array, dependency=dependency)
-            submitted[n.id] = job_id
-            report.submitted.append(Submission(n, job_id, tasks, dependency))
-            _record(manifest, paths, n, script, job_id, tasks, dependency)
+            if n.tasks is None:
+                parts = [(None, tasks, None)]
+            else:
+                parts = [(part.spec(throttle), part.tasks, part.offset)
+                         for part in array_parts(tasks, report.max_array_size or DEFAULT_MAX_ARRAY_SIZE)]
+            for array, part_tasks, offset in parts:
+                job_id = slurm.sbatch(script, array=array, dependency=dependency, task_offset=offset)
+                submitted.setdefault(n.id, []).append(job_id)
+                report.submitted.append(Submission(n, job_id, part_tasks, dependency, offset))
+                _record(manifest, paths, n, script, job_id, part_tasks, dependency, offset)
     except SlurmError:
-        if submitted:
+        jobs = [j for ids in submitted.values() for j in ids]
+        if jobs:
             try:
-                slurm.cancel(list(submitted.values()))
+                slurm.cancel(jobs)
             except SlurmError as e:
-                log.warning(f"could not cancel {', '.join(submitted.values())}: {e}")
+                log.warning(f"could not cancel {', '.join(jobs)}: {e}")
         raise
     finally:
         report.sbatch_seconds = time.perf_counter() - t0
 
 
 def _record(manifest: Manifest, paths: RunPaths, n: Node, script: Path, job_id: str, tasks: list[Optional[int]],
-            dependency: list[str]) -> None:
+            dependency: list[str], index_offset: Optional[int] = None) -> None:
     entry = next(s for s in manifest.stages if s["id"] == n.id)
     stamp = now()
+    submission = {"job_id": job_id, "tasks": tasks if n.tasks is not None else None, "dependency": dependency,
+                  "submitted": stamp}
+    if index_offset:  # a split array's later part: task = array index + index_offset (absent = 0)
+        submission["index_offset"] = index_offset
     manifest.update(n.id, state="submitted", submitted=stamp, script=paths.rel(script),
                     job_ids=[*entry.get("job_ids", []), job_id],
-                    submissions=[*entry.get("submissions", []),
-                                 {"job_id": job_id, "tasks": tasks if n.tasks is not None else None,
-                                  "dependency": dependency, "submitted": stamp}],
+                    submissions=[*entry.get("submissions", []), submission],
                     started=None, ended=None)
 
 
@@ -270,6 +327,8 @@ def format_report(cfg: DictConfig, report: SubmitReport) -> str:
         for s in report.submitted:
             label = {"extract": "seeds", "evaluate": "steps"}.get(s.node.stage)
             what = f"{label} {array_spec(s.tasks)}" if label else ""
+            if s.index_offset:
+                what += f" (array index + {s.index_offset})"
             after = f"after {','.join(s.dependency)}" if s.dependency else ""
             lines.append(f"  {s.node.id:<16} job {s.job_id:<10} {what:<22} {after}".rstrip())
     for node_id, refs in report.in_flight.items():
@@ -283,5 +342,9 @@ def format_report(cfg: DictConfig, report: SubmitReport) -> str:
                             f"queued or running ({run_dir}).")
         else:
             lines.append(f"Nothing to do: every stage of run '{cfg.run.name}' is already done ({run_dir}).")
+    split = sum(1 for s in report.submitted if s.index_offset)
+    if split:
+        lines.append(f"  {split} array(s) with an index offset (task = array index + offset): indices must stay "
+                     f"below MaxArraySize {report.max_array_size} ({report.max_array_size_from})")
     lines.append(f"Follow it with: python -m oel_hpc.status {run_dir}")
     return "\n".join(lines)

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Scale benchmark of the Slurm launcher on the local test cluster (not a test: it prints figures).
+
+A DAG at cluster scale: 3 rounds, each with 1,500 extraction seeds and 200 evaluation checkpoints (the tiny model,
+`consolidate.steps=199 consolidate.save_freq=1 evaluate.steps=all`: step 0 and 199 checkpoints), split by
+MaxArraySize 1001 (Slurm's default; the test cluster's own is 10001, so `cluster.max_array_size=1001` says it).
+Real `sbatch` calls, real afterok dependencies, real `squeue`/`sacct`: every job is submitted held
+(`cluster.extra_sbatch=[--hold]`), so nothing runs, and everything is cancelled at the end. The job bodies would
+be `/bin/true` anyway (`cluster.python=/bin/true`).
+
+Prints: the planner's wall time (`python -m oel_hpc ... launch.plan_only=true` as a subprocess, before
+submitting), the sbatch calls and seconds per round of the submission (the launcher's `submit()` in-process), the
+arrays after the split, and the wall time of `python -m oel_hpc.status <run>` (a subprocess, several repeats,
+median; target < 1 s) on the submitted run.
+
+    eval "$(tools/slurm/start.sh | tail -1)"; python tools/bench_scale.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SEEDS, CHECKPOINTS, ROUNDS = 1500, 200, 3
+OVERRIDES = ["cluster=local_slurm", f"extract.seeds={SEEDS}", f"consolidate.steps={CHECKPOINTS - 1}",
+             "consolidate.save_freq=1", "evaluate.steps=all", f"pipeline.rounds={ROUNDS}", "wandb.mode=disabled",
+             "cluster.python=/bin/true", "launch.check_python=false", "cluster.extra_sbatch=[--hold]",
+             "run.name=scale"]
+
+
+def timed(argv: list[str], env: dict, cpu: list | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall seconds of a subprocess; its CPU seconds (user + system) appended to `cpu`: on a shared, loaded
+    machine the wall time also counts the waits for a core."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return seconds, out
+
+
+def submit_in_process(overrides: list[str]):
+    """The launcher's submit(), with every sbatch call timed; (report, seconds per call, submit seconds)."""
+    from omegaconf import OmegaConf
+
+    from oel_hpc.__main__ import compose_config
+    from oel_hpc.config import validate
+    from oel_hpc.launch import guard, slurm
+    from oel_hpc.pipeline import build_dag
+    from oel_hpc.rundir import config_hash
+    from oel_hpc.slurm import Slurm
+
+    class TimedSlurm(Slurm):
+        def __init__(self):
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def sbatch(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().sbatch(*args, **kwargs)
+            finally:
+                self.seconds.append(time.perf_counter() - t0)
+
+    cfg = compose_config(overrides)
+    validate(cfg, check_files=False)
+    nodes = build_dag(cfg)
+    run_hash = config_hash({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "run"})
+    paths = guard.check_run_dir(cfg)
+    client = TimedSlurm()
+    t0 = time.perf_counter()
+    report = slurm.submit(cfg, paths, nodes, run_hash, client)
+    return report, client.seconds, time.perf_counter() - t0, paths.root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-array-size", type=int, default=1001, help="cluster.max_array_size (default 1001)")
+    parser.add_argument("--repeats", type=int, default=5, help="status runs to take the median of (default 5)")
+    parser.add_argument("--keep", action="store_true", help="keep the run folder (default: removed)")
+    args = parser.parse_args()
+    if not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None:
+        print('no Slurm test cluster: eval "$(tools/slurm/start.sh | tail -1)" first', file=sys.stderr)
+        return 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(tempfile.mkdtemp(prefix="oel-scale-"))
+    overrides = [*OVERRIDES, f"run.root={root}", f"cluster.max_array_size={args.max_array_size}"]
+    job_ids: list[str] = []
+    try:
+        plan_s, plan = timed([sys.executable, "-m", "oel_hpc", *overrides, "launch.plan_only=true"], env)
+        if plan.returncode != 0:
+            raise SystemExit(f"the planner failed ({plan.returncode}): {plan.stderr.strip()}")
+
+        report, call_seconds, submit_s, run_dir = submit_in_process(overrides)
+        job_ids = [s.job_id for s in report.submitted]
+        per_round: dict[int, list[float]] = {}
+        for s, seconds in zip(report.submitted, call_seconds):
+            per_round.setdefault(s.node.round, []).append(seconds)
+        arrays = [s for s in report.submitted if s.index_offset is not None]
+        tasks = sum(len(s.tasks) for s in report.submitted)
+
+        status_argv = [sys.executable, "-m", "oel_hpc.status", str(run_dir)]
+        status_s, status_cpu = [], []
+        for _ in range(args.repeats):
+            seconds, out = timed(status_argv, env, status_cpu)
+            if out.returncode != 0:
+                raise SystemExit(f"status failed ({out.returncode}): {out.stderr.strip()}")
+            status_s.append(seconds)
+        shown = json.loads(subprocess.run([*status_argv, "--json"], capture_output=True, text=True, timeout=120,
+                                          cwd=ROOT, env=env).stdout)
+        states: dict[str, int] = {}
+        for stage in shown["stages"]:
+            for row in stage["tasks"]:
+                states[row["state"]] = states.get(row["state"], 0) + 1
+        replan_s, replan = timed([sys.executable, "-m", "oel_hpc", *overrides, "launch.plan_only=true"], env)
+
+        print(f"DAG: {ROUNDS} rounds x 5 stages; per round {SEEDS} extraction seeds and {CHECKPOINTS} evaluation "
+              f"checkpoints; {tasks} tasks in all; MaxArraySize {args.max_array_size} (cluster.max_array_size); "
+              "jobs submitted held (nothing runs)")
+        print(f"planner (python -m oel_hpc ... launch.plan_only=true, a subprocess): {plan_s:.2f} s before "
+              f"submitting ({plan.stdout.splitlines()[2] if len(plan.stdout.splitlines()) > 2 else '?'}); "
+              f"{replan_s:.2f} s after (all queued: {replan.stdout.splitlines()[2:3]})")
+        print(f"submit() in-process: {submit_s:.2f} s, {len(report.submitted)} sbatch calls for {tasks} tasks")
+        for r, seconds in sorted(per_round.items()):
+            print(f"  round {r}: {len(seconds)} sbatch calls, {sum(seconds):.2f} s in sbatch "
+                  f"({1000 * sum(seconds) / len(seconds):.0f} ms each)")
+        print(f"arrays after the split ({len(arrays)}):")
+        for s in arrays:
+            print(f"  {s.node.id:<14} job {s.job_id:<6} tasks {s.tasks[0]}-{s.tasks[-1]} ({len(s.tasks)}) "
+                  f"offset {s.index_offset}")
+        median = statistics.median(status_s)
+        print(f"python -m oel_hpc.status <run> (subprocess, {args.repeats} runs): median {median:.3f} s, "
+              f"min {min(status_s):.3f} s, max {max(status_s):.3f} s  (target < 1 s: "
+              f"{'met' if median < 1 else 'NOT met'}); CPU time (user + system) median "
+              f"{statistics.median(status_cpu):.3f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+              "cores; task states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+        return 0 if median < 1 else 1
+    finally:
+        if job_ids:
+            subprocess.run(["scancel", *job_ids], capture_output=True, timeout=120)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"run folder kept in {root}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
