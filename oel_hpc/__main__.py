@@ -65,24 +65,25 @@ def check_group_choices(argv: list[str]) -> None:
         m = _GROUP_OVERRIDE.match(arg)
         if not m or m["group"] not in GROUPS:
             continue
+        if "(" in m["value"] or m["value"][:1] in "'\"":
+            continue  # glob(), choice(), a quoted value: Hydra's parser reads it (the sweep checks each point)
         available = sorted({p.stem for d in dirs for p in (d / m["group"]).glob("*.yaml")})
         for value in m["value"].split(","):  # multirun sweeps list several
             if value and value != "null" and value not in available:
                 raise ConfigError(m["group"], f"unknown {m['group']} '{value}' (available: {', '.join(available)})")
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, in_sweep: bool = False) -> None:
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
-        # only reachable through Hydra's multirun: main() handles single Slurm runs itself
-        raise ConfigError("cluster.launcher", "Slurm launching takes one run per command; sweeps (key=a,b) are "
-                          "not supported: run the command once per value, each with its own run.name")
+        # main() hands Slurm runs and sweeps to slurm_main / sweep_main: this is a bug, not bad input
+        raise AssertionError("the local launcher got a Slurm run")
     from oel_hpc.launch.guard import check_run_dir
     from oel_hpc.launch.local import run_local
     from oel_hpc.pipeline import build_dag
     from oel_hpc.rundir import config_hash
     from oel_hpc.summary import summary
 
-    paths = check_run_dir(cfg)  # before anything is written
+    paths = check_run_dir(cfg, in_sweep=in_sweep)  # before anything is written
     nodes = build_dag(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
@@ -127,7 +128,6 @@ _UNSUPPORTED = {
     "submitit_folder": "logs go to <run>/logs", "stderr_to_stdout": "stderr goes to the job's log already",
 }
 _LAUNCHER_ARG = re.compile(r"^[+~]{0,2}hydra\.launcher\.(?P<key>\w+)[.=]")
-_SLURM_ARG = re.compile(r"^(hydra/launcher=submitit_slurm|cluster\.launcher=slurm|launch\.render_only=[Tt]rue)$")
 
 
 def _launcher_keys(argv: list[str]) -> list[str]:
@@ -220,6 +220,134 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     return 0
 
 
+def compose_point(overrides: list[str]) -> DictConfig:
+    """compose_config with Hydra's and OmegaConf's errors as one-line ConfigErrors."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        bad_value = config_error(e)  # a key or value the schema refuses (unknown, not of its type or set)
+        if bad_value is not None:
+            raise bad_value from None
+        # a sweep value (key=a,b) without -m: Hydra's message says to add --multirun
+        raise ConfigError("overrides", one_line(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps: every point composed and checked, the record written, then each point submitted (Slurm), rendered, or
+# run here one after another (local).
+
+def _point_error(point, e: ConfigError) -> ConfigError:
+    text = str(e).removeprefix(f"{e.key}: ")
+    params = ", ".join(f"{k}={v}" for k, v in point.params.items())
+    return ConfigError(e.key, f"sweep point {point.name} ({params}): {text}")
+
+
+def sweep_main(sweep, show: Optional[str], resolve: bool) -> int:
+    from oel_hpc.launch import guard, slurm
+    from oel_hpc.launch.sweep import check_sweep_folder, merge_record, record_entry, write_record
+    from oel_hpc.pipeline import build_dag, plan
+    from oel_hpc.rundir import config_hash
+
+    cfgs = []
+    for point in sweep.points:
+        try:
+            check_group_choices(point.overrides)
+            cfgs.append(compose_point(point.overrides))
+        except ConfigError as e:
+            raise _point_error(point, e) from None
+    names = list(dict.fromkeys(c.run.name for c in cfgs))
+    if len(names) > 1:
+        raise ConfigError("run.name", f"the sweep's points have different run names ({', '.join(names)}): name the "
+                          "sweep with run.name=<name>")
+    name = names[0]
+    if "/" in name:
+        raise ConfigError("run.name", f"'{name}': a sweep's name is one folder name (its points are {name}/<point>)")
+    for point, cfg in zip(sweep.points, cfgs):
+        cfg.run.name = f"{name}/{point.name}"
+        if cfg.launch.render_dir is not None:  # one folder per point: the points' scripts differ
+            cfg.launch.render_dir = str(Path(cfg.launch.render_dir) / point.name)
+    if show == "job":
+        for point, cfg in zip(sweep.points, cfgs):
+            print(f"# sweep point {cfg.run.name}: {' '.join(point.overrides)}")
+            print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
+        return 0
+    modes = {("slurm" if c.cluster.launcher == "slurm" else "local", bool(c.launch.render_only)) for c in cfgs}
+    if len(modes) > 1:
+        raise ConfigError("cluster.launcher", "a sweep's points must all run the same way (all on Slurm, all "
+                          "local, or all render_only)")
+    (mode, render_only), = modes
+    folder = Path(cfgs[0].run.root).expanduser().resolve() / name
+    check_sweep_folder(folder, name)
+
+    # everything checked before anything is written or submitted: one bad point refuses the sweep
+    checked, python_checked = [], set()
+    for point, cfg in zip(sweep.points, cfgs):
+        try:
+            validate(cfg, check_files=not render_only)
+            paths = guard.check_run_dir(cfg, in_sweep=True)
+            if Path(cfg.run.root).expanduser().resolve() / name != folder:
+                raise ConfigError("run.root", "a sweep's points must share run.root (they live in one folder)")
+            nodes = build_dag(cfg)
+            todo = plan(paths, nodes, cfg.run.overwrite)  # a finished stage of another config: refused here
+            python = OmegaConf.to_yaml(cfg.cluster) + cfg.engine.name
+            if mode == "slurm" and not render_only and cfg.launch.check_python and todo \
+                    and python not in python_checked:
+                guard.check_job_python(cfg, paths.root)
+                python_checked.add(python)
+        except ConfigError as e:
+            raise _point_error(point, e) from None
+        checked.append((point, cfg, paths, nodes))
+    argv = ["python", "-m", PROG, *sys.argv[1:]]
+    # each point's own command line: `python -m oel_hpc <overrides>` reruns that point alone
+    entries = [record_entry(p, c.run.name, [*(o for o in p.overrides if not re.match(r"^[+~]*run\.name=", o)),
+                                            f"run.name={c.run.name}"]) for p, c, _, _ in checked]
+    record, changed = merge_record(folder, name, argv, sweep.params, entries)
+    if changed and not (render_only and cfgs[0].launch.render_dir is not None):
+        write_record(folder, record)
+
+    if mode == "local" and not render_only:
+        for k, (point, cfg, _, _) in enumerate(checked, 1):
+            print(f"== sweep '{name}' point {k}/{len(checked)}: {point.name}", flush=True)
+            run(cfg)
+        print(f"Sweep '{name}': {len(checked)} points run one after another in {folder}. "
+              f"See them with: python -m oel_hpc.status {folder}")
+        return 0
+    if render_only:
+        for point, cfg, paths, nodes in checked:
+            where = slurm.render_only(cfg, paths, nodes)
+            print(f"  {cfg.run.name:<40} {len(nodes)} sbatch scripts and submit.sh in {where}")
+        print(f"Rendered sweep '{name}' ({len(checked)} points; nothing submitted)")
+        return 0
+    if cfgs[0].cluster.name == "local":
+        logger.warning("cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a preset such "
+                       "as cluster=local_slurm, a100, h100 or b200")
+    lines = []
+    for point, cfg, paths, nodes in checked:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
+        try:
+            report = slurm.submit(cfg, paths, nodes, run_hash)
+        except Exception:
+            print("\n".join([f"Sweep '{name}' ({folder}), stopped at point {cfg.run.name}:", *lines]), flush=True)
+            raise
+        lines.append(f"  {cfg.run.name:<40} {_point_outcome(report)}")
+    print("\n".join([f"Sweep '{name}': {len(checked)} points ({folder}/sweep.json)", *lines,
+                     f"Follow it with: python -m oel_hpc.status {folder}"]))
+    return 0
+
+
+def _point_outcome(report) -> str:
+    if report.submitted:
+        jobs = ", ".join(s.job_id for s in report.submitted)
+        return f"submitted {len(report.submitted)} jobs ({jobs})"
+    if report.in_flight:
+        return "nothing to submit: still queued or running"
+    return "nothing to submit: already done"
+
+
 def one_line(exc: BaseException) -> str:
     """Hydra's several-line message (what went wrong, then hints, the key again, where to read more) in one line."""
     lines = []
@@ -258,25 +386,15 @@ def _main(argv: list[str]) -> None:
         else:
             rest.append(argv[i])
             i += 1
-    wants_slurm = any(_SLURM_ARG.match(a) for a in rest)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    if any(a in ("-m", "--multirun") for a in argv) and show not in ("hydra", "all"):
+        from oel_hpc.launch.sweep import expand
 
-    try:
-        cfg = compose_config(rest)
-    except (HydraException, OmegaConfBaseException) as e:
-        bad_value = config_error(e)  # a key or value the schema refuses (unknown, not of its type or set)
-        if bad_value is not None:
-            raise bad_value from None
-        message = one_line(e)
-        sweep = "--multirun" in message  # Hydra's hint for a sweep value (key=a,b)
-        if sweep and not wants_slurm and any(a in ("-m", "--multirun") for a in argv):
-            hydra_main()  # Hydra's launcher runs one job per value, each validated as it starts
-            return
-        if sweep and wants_slurm:
-            raise ConfigError("overrides", f"{message.split('; ')[0]}: Slurm launching takes one run per "
-                              "command; run it once per value, each with its own run.name") from None
-        raise ConfigError("overrides", message) from None
+        points = expand([a for a in rest if a not in ("-m", "--multirun")])
+        if points is not None:
+            sys.exit(sweep_main(points, show, resolve))
+        # -m without a swept value: one run, as without -m (not Hydra's multirun, which would make its own folder)
+        sys.argv[1:] = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    cfg = compose_point(rest)
     if cfg.cluster.launcher != "slurm" and not cfg.launch.render_only or show in ("hydra", "all"):
         if show is None:
             check_schema(cfg)  # before Hydra's multirun (-m) makes its sweep folder
