@@ -10,6 +10,13 @@ API (every override, group and `--cfg job` works as usual) and `hydra.launcher.*
 signal_delay_s, setup, additional_parameters, ...) are mapped onto `cluster.*` (see HYDRA_LAUNCHER_KEYS).
 `launch.render_only=true` writes the sbatch scripts without submitting.
 
+Sweeps (`-m key=a,b ...`, docs/sweeps.md): the points are expanded with Hydra's own override parser, as its basic
+sweeper would (oel_hpc/launch/sweep.py), each composed and checked before anything is written or submitted (one bad
+point refuses the sweep, naming the point and the key); a sweep of run.name N is the folder <run.root>/N/ with
+sweep.json and one run directory per point, run.name `N/<point>`, the point named after its swept values. On Slurm
+every point's DAG is submitted (or rendered), locally the points run one after another; `--cfg job` prints every
+point's config. Hydra's own multirun is not used: it would run every point under one run.name.
+
 Exit status (oel_hpc/errors.py, the same for `python -m oel_hpc.worker`): 0 done; 2 bad input, said in one line;
 75 a consolidation stopped early with a checkpoint (the same command resumes it); anything else a failure.
 """
