@@ -23,6 +23,7 @@ Exit status (oel_hpc/errors.py, the same for `python -m oel_hpc.worker`): 0 done
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc import log
 from oel_hpc.config import CONF_DIR, GROUPS, check_schema, config_error, validate
-from oel_hpc.errors import ConfigError, exit_on_error
+from oel_hpc.errors import ConfigError, SlurmError, exit_on_error
 
 PROG = "oel_hpc"
 logger = log.get_logger(__name__)
@@ -80,7 +81,7 @@ def check_group_choices(argv: list[str]) -> None:
                 raise ConfigError(m["group"], f"unknown {m['group']} '{value}' (available: {', '.join(available)})")
 
 
-def run(cfg: DictConfig, in_sweep: bool = False) -> None:
+def run(cfg: DictConfig) -> None:
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
         # main() hands Slurm runs and sweeps to slurm_main / sweep_main: this is a bug, not bad input
         raise AssertionError("the local launcher got a Slurm run")
@@ -90,7 +91,7 @@ def run(cfg: DictConfig, in_sweep: bool = False) -> None:
     from oel_hpc.rundir import config_hash
     from oel_hpc.summary import summary
 
-    paths = check_run_dir(cfg, in_sweep=in_sweep)  # before anything is written
+    paths = check_run_dir(cfg)  # before anything is written
     nodes = build_dag(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
@@ -307,6 +308,9 @@ def sweep_main(sweep, show: Optional[str], resolve: bool) -> int:
         except ConfigError as e:
             raise _point_error(point, e) from None
         checked.append((point, cfg, paths, nodes))
+    if mode == "slurm" and not render_only and shutil.which("sbatch") is None:  # before the record is written
+        raise SlurmError("sbatch not found: run this on a Slurm login node (or start the test cluster: "
+                         "tools/slurm/start.sh)")
     argv = ["python", "-m", PROG, *sys.argv[1:]]
     # each point's own command line: `python -m oel_hpc <overrides>` reruns that point alone
     entries = [record_entry(p, c.run.name, [*(o for o in p.overrides if not re.match(r"^[+~]*run\.name=", o)),
@@ -393,7 +397,10 @@ def _main(argv: list[str]) -> None:
         else:
             rest.append(argv[i])
             i += 1
-    if any(a in ("-m", "--multirun") for a in argv) and show not in ("hydra", "all"):
+    if any(a in ("-m", "--multirun") for a in argv):
+        if show in ("hydra", "all"):  # Hydra itself refuses --cfg with --multirun (with a traceback)
+            raise ConfigError("--cfg", f"{show} shows one config, not a sweep's: drop -m, or use --cfg job to see "
+                              "every point")
         from oel_hpc.launch.sweep import expand
 
         points = expand([a for a in rest if a not in ("-m", "--multirun")])

@@ -255,3 +255,31 @@ def test_render_only_renders_every_point(tmp_path):
                            re.M)[1]) for p in record["points"]]
     assert lrs == [1e-6, 3e-6]
     assert "s/lr-1e-06" in out.stdout and "s/lr-3e-06" in out.stdout
+
+
+def test_without_sbatch_nothing_is_written(tmp_path):
+    import shutil
+
+    path = f"{Path(sys.executable).parent}:/nonexistent"
+    if shutil.which("sbatch", path=path):
+        pytest.skip("sbatch is on the minimal PATH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PATH=path)
+    out = subprocess.run([sys.executable, "-m", "oel_hpc", "-m", "hydra/launcher=submitit_slurm",
+                          f"run.root={tmp_path}", "run.name=s", "wandb.mode=disabled", "extract.seeds=1,2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("oel_hpc: error: sbatch not found"), out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_m_without_a_swept_value_is_one_run(tmp_path):
+    out = oel("-m", f"run.root={tmp_path}", "consolidate.lr=1e-6", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "# sweep point" not in out.stdout and "name: tiny-frozenlake\n" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cfg_hydra_with_a_sweep_is_refused_in_one_line():
+    out = oel("-m", "consolidate.lr=1e-6,3e-6", "--cfg", "hydra")
+    assert out.returncode == 2 and out.stderr.startswith("oel_hpc: error: --cfg: hydra shows one config")
+    assert len(out.stderr.strip().splitlines()) == 1
