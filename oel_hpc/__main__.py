@@ -254,11 +254,50 @@ def _point_error(point, e: ConfigError) -> ConfigError:
 
 
 def sweep_main(sweep, show: Optional[str], resolve: bool) -> int:
-    from oel_hpc.launch import guard, slurm
     from oel_hpc.launch.sweep import check_sweep_folder, merge_record, record_entry, write_record
-    from oel_hpc.pipeline import build_dag, plan
-    from oel_hpc.rundir import config_hash
 
+    name, cfgs = _compose_points(sweep)
+    if show == "job":
+        for point, cfg in zip(sweep.points, cfgs):
+            print(f"# sweep point {cfg.run.name}: {' '.join(point.overrides)}")
+            print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
+        return 0
+    modes = {("slurm" if c.cluster.launcher == "slurm" else "local", bool(c.launch.render_only)) for c in cfgs}
+    if len(modes) > 1:
+        raise ConfigError("cluster.launcher", "a sweep's points must all run the same way (all on Slurm, all "
+                          "local, or all render_only)")
+    (mode, render_only), = modes
+    folder = Path(cfgs[0].run.root).expanduser().resolve() / name
+    check_sweep_folder(folder, name)
+    checked = _check_points(sweep, cfgs, folder, submits=mode == "slurm" and not render_only)
+    argv = ["python", "-m", PROG, *sys.argv[1:]]
+    # each point's own command line: `python -m oel_hpc <overrides>` reruns that point alone
+    entries = [record_entry(p, c.run.name, [*(o for o in p.overrides if not re.match(r"^[+~]*run\.name=", o)),
+                                            f"run.name={c.run.name}"]) for p, c, _, _ in checked]
+    record, changed = merge_record(folder, name, argv, sweep.params, entries)
+    if changed and not (render_only and cfgs[0].launch.render_dir is not None):
+        write_record(folder, record)
+
+    if mode == "local" and not render_only:
+        for k, (point, cfg, _, _) in enumerate(checked, 1):
+            print(f"== sweep '{name}' point {k}/{len(checked)}: {point.name}", flush=True)
+            run(cfg)
+        print(f"Sweep '{name}': {len(checked)} points run one after another in {folder}. "
+              f"See them with: python -m oel_hpc.status {folder}")
+    elif render_only:
+        from oel_hpc.launch import slurm
+
+        for point, cfg, paths, nodes in checked:
+            where = slurm.render_only(cfg, paths, nodes)
+            print(f"  {cfg.run.name:<40} {len(nodes)} sbatch scripts and submit.sh in {where}")
+        print(f"Rendered sweep '{name}' ({len(checked)} points; nothing submitted)")
+    else:
+        _submit_points(name, folder, checked)
+    return 0
+
+
+def _compose_points(sweep) -> tuple[str, list[DictConfig]]:
+    """The sweep's name and every point's config, run.name `<sweep>/<point>`."""
     cfgs = []
     for point in sweep.points:
         try:
@@ -277,62 +316,44 @@ def sweep_main(sweep, show: Optional[str], resolve: bool) -> int:
         cfg.run.name = f"{name}/{point.name}"
         if cfg.launch.render_dir is not None:  # one folder per point: the points' scripts differ
             cfg.launch.render_dir = str(Path(cfg.launch.render_dir) / point.name)
-    if show == "job":
-        for point, cfg in zip(sweep.points, cfgs):
-            print(f"# sweep point {cfg.run.name}: {' '.join(point.overrides)}")
-            print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
-        return 0
-    modes = {("slurm" if c.cluster.launcher == "slurm" else "local", bool(c.launch.render_only)) for c in cfgs}
-    if len(modes) > 1:
-        raise ConfigError("cluster.launcher", "a sweep's points must all run the same way (all on Slurm, all "
-                          "local, or all render_only)")
-    (mode, render_only), = modes
-    folder = Path(cfgs[0].run.root).expanduser().resolve() / name
-    check_sweep_folder(folder, name)
+    return name, cfgs
 
-    # everything checked before anything is written or submitted: one bad point refuses the sweep
+
+def _check_points(sweep, cfgs: list[DictConfig], folder: Path, submits: bool) -> list[tuple]:
+    """(point, cfg, paths, nodes) per point, once every point passed what a single run is checked for: the schema,
+    its files, the run directory guard, a finished stage of another config, the jobs' interpreter (once per cluster
+    config), sbatch. One bad point refuses the sweep, before anything is written."""
+    from oel_hpc.launch import guard
+    from oel_hpc.pipeline import build_dag, plan
+
     checked, python_checked = [], set()
     for point, cfg in zip(sweep.points, cfgs):
         try:
-            validate(cfg, check_files=not render_only)
+            validate(cfg, check_files=not cfg.launch.render_only)
             paths = guard.check_run_dir(cfg, in_sweep=True)
-            if Path(cfg.run.root).expanduser().resolve() / name != folder:
+            if paths.root.parent != folder:
                 raise ConfigError("run.root", "a sweep's points must share run.root (they live in one folder)")
             nodes = build_dag(cfg)
             todo = plan(paths, nodes, cfg.run.overwrite)  # a finished stage of another config: refused here
             python = OmegaConf.to_yaml(cfg.cluster) + cfg.engine.name
-            if mode == "slurm" and not render_only and cfg.launch.check_python and todo \
-                    and python not in python_checked:
+            if submits and cfg.launch.check_python and todo and python not in python_checked:
                 guard.check_job_python(cfg, paths.root)
                 python_checked.add(python)
         except ConfigError as e:
             raise _point_error(point, e) from None
         checked.append((point, cfg, paths, nodes))
-    if mode == "slurm" and not render_only and shutil.which("sbatch") is None:  # before the record is written
+    if submits and shutil.which("sbatch") is None:
         raise SlurmError("sbatch not found: run this on a Slurm login node (or start the test cluster: "
                          "tools/slurm/start.sh)")
-    argv = ["python", "-m", PROG, *sys.argv[1:]]
-    # each point's own command line: `python -m oel_hpc <overrides>` reruns that point alone
-    entries = [record_entry(p, c.run.name, [*(o for o in p.overrides if not re.match(r"^[+~]*run\.name=", o)),
-                                            f"run.name={c.run.name}"]) for p, c, _, _ in checked]
-    record, changed = merge_record(folder, name, argv, sweep.params, entries)
-    if changed and not (render_only and cfgs[0].launch.render_dir is not None):
-        write_record(folder, record)
+    return checked
 
-    if mode == "local" and not render_only:
-        for k, (point, cfg, _, _) in enumerate(checked, 1):
-            print(f"== sweep '{name}' point {k}/{len(checked)}: {point.name}", flush=True)
-            run(cfg)
-        print(f"Sweep '{name}': {len(checked)} points run one after another in {folder}. "
-              f"See them with: python -m oel_hpc.status {folder}")
-        return 0
-    if render_only:
-        for point, cfg, paths, nodes in checked:
-            where = slurm.render_only(cfg, paths, nodes)
-            print(f"  {cfg.run.name:<40} {len(nodes)} sbatch scripts and submit.sh in {where}")
-        print(f"Rendered sweep '{name}' ({len(checked)} points; nothing submitted)")
-        return 0
-    if cfgs[0].cluster.name == "local":
+
+def _submit_points(name: str, folder: Path, checked: list[tuple]) -> None:
+    """Each point's DAG in turn (the launcher's resume: only what is neither done nor queued); one line each."""
+    from oel_hpc.launch import slurm
+    from oel_hpc.rundir import config_hash
+
+    if checked[0][1].cluster.name == "local":
         logger.warning("cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a preset such "
                        "as cluster=local_slurm, a100, h100 or b200")
     lines = []
@@ -341,13 +362,12 @@ def sweep_main(sweep, show: Optional[str], resolve: bool) -> int:
         run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
         try:
             report = slurm.submit(cfg, paths, nodes, run_hash)
-        except Exception:
+        except Exception:  # the points before it stay queued: say which
             print("\n".join([f"Sweep '{name}' ({folder}), stopped at point {cfg.run.name}:", *lines]), flush=True)
             raise
         lines.append(f"  {cfg.run.name:<40} {_point_outcome(report)}")
     print("\n".join([f"Sweep '{name}': {len(checked)} points ({folder}/sweep.json)", *lines,
                      f"Follow it with: python -m oel_hpc.status {folder}"]))
-    return 0
 
 
 def _point_outcome(report) -> str:
