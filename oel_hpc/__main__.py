@@ -11,12 +11,20 @@ signal_delay_s, setup, additional_parameters, ...) are mapped onto `cluster.*` (
 `launch.render_only=true` writes the sbatch scripts without submitting; `launch.plan_only=true` prints what would
 be submitted (jobs, tasks, nodes x GPUs, time limits, GPU-hours, what the cluster would refuse) and writes nothing.
 
+Sweeps (`-m key=a,b ...`, docs/sweeps.md): the points are expanded with Hydra's own override parser, as its basic
+sweeper would (oel_hpc/launch/sweep.py), each composed and checked before anything is written or submitted (one bad
+point refuses the sweep, naming the point and the key); a sweep of run.name N is the folder <run.root>/N/ with
+sweep.json and one run directory per point, run.name `N/<point>`, the point named after its swept values. On Slurm
+every point's DAG is submitted (or rendered), locally the points run one after another; `--cfg job` prints every
+point's config. Hydra's own multirun is not used: it would run every point under one run.name.
+
 Exit status (oel_hpc/errors.py, the same for `python -m oel_hpc.worker`): 0 done; 2 bad input, said in one line;
 75 a consolidation stopped early with a checkpoint (the same command resumes it); anything else a failure.
 """
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -26,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from oel_hpc import log
 from oel_hpc.config import CONF_DIR, GROUPS, check_schema, config_error, validate
-from oel_hpc.errors import ConfigError, exit_on_error
+from oel_hpc.errors import ConfigError, SlurmError, exit_on_error
 
 PROG = "oel_hpc"
 logger = log.get_logger(__name__)
@@ -66,6 +74,8 @@ def check_group_choices(argv: list[str]) -> None:
         m = _GROUP_OVERRIDE.match(arg)
         if not m or m["group"] not in GROUPS:
             continue
+        if "(" in m["value"] or m["value"][:1] in "'\"":
+            continue  # glob(), choice(), a quoted value: Hydra's parser reads it (the sweep checks each point)
         available = sorted({p.stem for d in dirs for p in (d / m["group"]).glob("*.yaml")})
         for value in m["value"].split(","):  # multirun sweeps list several
             if value and value != "null" and value not in available:
@@ -74,9 +84,8 @@ def check_group_choices(argv: list[str]) -> None:
 
 def run(cfg: DictConfig) -> None:
     if cfg.cluster.launcher == "slurm" or cfg.launch.render_only:
-        # only reachable through Hydra's multirun: main() handles single Slurm runs itself
-        raise ConfigError("cluster.launcher", "Slurm launching takes one run per command; sweeps (key=a,b) are "
-                          "not supported: run the command once per value, each with its own run.name")
+        # main() hands Slurm runs and sweeps to slurm_main / sweep_main: this is a bug, not bad input
+        raise AssertionError("the local launcher got a Slurm run")
     from oel_hpc.launch.guard import check_run_dir
     from oel_hpc.launch.local import run_local
     from oel_hpc.pipeline import build_dag
@@ -128,8 +137,6 @@ _UNSUPPORTED = {
     "submitit_folder": "logs go to <run>/logs", "stderr_to_stdout": "stderr goes to the job's log already",
 }
 _LAUNCHER_ARG = re.compile(r"^[+~]{0,2}hydra\.launcher\.(?P<key>\w+)[.=]")
-_SLURM_ARG = re.compile(r"^(hydra/launcher=submitit_slurm|cluster\.launcher=slurm"
-                        r"|launch\.(render|plan)_only=[Tt]rue)$")
 
 
 def _launcher_keys(argv: list[str]) -> list[str]:
@@ -227,6 +234,165 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     return 0
 
 
+def compose_point(overrides: list[str]) -> DictConfig:
+    """compose_config with Hydra's and OmegaConf's errors as one-line ConfigErrors."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        bad_value = config_error(e)  # a key or value the schema refuses (unknown, not of its type or set)
+        if bad_value is not None:
+            raise bad_value from None
+        # a sweep value (key=a,b) without -m: Hydra's message says to add --multirun
+        raise ConfigError("overrides", one_line(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps: every point composed and checked, the record written, then each point submitted (Slurm), rendered, or
+# run here one after another (local).
+
+def _point_error(point, e: ConfigError) -> ConfigError:
+    text = str(e).removeprefix(f"{e.key}: ")
+    params = ", ".join(f"{k}={v}" for k, v in point.params.items())
+    return ConfigError(e.key, f"sweep point {point.name} ({params}): {text}")
+
+
+def sweep_main(sweep, show: Optional[str], resolve: bool) -> int:
+    from oel_hpc.launch.sweep import check_sweep_folder, merge_record, record_entry, write_record
+
+    name, cfgs = _compose_points(sweep)
+    if show == "job":
+        for point, cfg in zip(sweep.points, cfgs):
+            print(f"# sweep point {cfg.run.name}: {' '.join(point.overrides)}")
+            print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
+        return 0
+    modes = {("slurm" if c.cluster.launcher == "slurm" else "local", bool(c.launch.render_only)) for c in cfgs}
+    if len(modes) > 1:
+        raise ConfigError("cluster.launcher", "a sweep's points must all run the same way (all on Slurm, all "
+                          "local, or all render_only)")
+    (mode, render_only), = modes
+    folder = Path(cfgs[0].run.root).expanduser().resolve() / name
+    check_sweep_folder(folder, name)
+    checked = _check_points(sweep, cfgs, folder, submits=mode == "slurm" and not render_only
+                             and not cfgs[0].launch.plan_only)
+    if cfgs[0].launch.plan_only:  # every point's plan; nothing written, not even the sweep record
+        from oel_hpc.launch.plan import plan_only
+
+        for point, cfg, paths, nodes in checked:
+            print(f"== sweep '{name}' point {cfg.run.name}")
+            print(plan_only(cfg, paths, nodes))
+        return 0
+    argv = ["python", "-m", PROG, *sys.argv[1:]]
+    # each point's own command line: `python -m oel_hpc <overrides>` reruns that point alone
+    entries = [record_entry(p, c.run.name, [*(o for o in p.overrides if not re.match(r"^[+~]*run\.name=", o)),
+                                            f"run.name={c.run.name}"]) for p, c, _, _ in checked]
+    record, changed = merge_record(folder, name, argv, sweep.params, entries)
+    if changed and not (render_only and cfgs[0].launch.render_dir is not None):
+        write_record(folder, record)
+
+    if mode == "local" and not render_only:
+        for k, (point, cfg, _, _) in enumerate(checked, 1):
+            print(f"== sweep '{name}' point {k}/{len(checked)}: {point.name}", flush=True)
+            run(cfg)
+        print(f"Sweep '{name}': {len(checked)} points run one after another in {folder}. "
+              f"See them with: python -m oel_hpc.status {folder}")
+    elif render_only:
+        from oel_hpc.launch import slurm
+
+        for point, cfg, paths, nodes in checked:
+            where = slurm.render_only(cfg, paths, nodes)
+            print(f"  {cfg.run.name:<40} {len(nodes)} sbatch scripts and submit.sh in {where}")
+        print(f"Rendered sweep '{name}' ({len(checked)} points; nothing submitted)")
+    else:
+        _submit_points(name, folder, checked)
+    return 0
+
+
+def _compose_points(sweep) -> tuple[str, list[DictConfig]]:
+    """The sweep's name and every point's config, run.name `<sweep>/<point>`."""
+    cfgs = []
+    for point in sweep.points:
+        try:
+            check_group_choices(point.overrides)
+            cfgs.append(compose_point(point.overrides))
+        except ConfigError as e:
+            raise _point_error(point, e) from None
+    names = list(dict.fromkeys(c.run.name for c in cfgs))
+    if len(names) > 1:
+        raise ConfigError("run.name", f"the sweep's points have different run names ({', '.join(names)}): name the "
+                          "sweep with run.name=<name>")
+    name = names[0]
+    if "/" in name:
+        raise ConfigError("run.name", f"'{name}': a sweep's name is one folder name (its points are {name}/<point>)")
+    for point, cfg in zip(sweep.points, cfgs):
+        cfg.run.name = f"{name}/{point.name}"
+        if cfg.launch.render_dir is not None:  # one folder per point: the points' scripts differ
+            cfg.launch.render_dir = str(Path(cfg.launch.render_dir) / point.name)
+    return name, cfgs
+
+
+def _check_points(sweep, cfgs: list[DictConfig], folder: Path, submits: bool) -> list[tuple]:
+    """(point, cfg, paths, nodes) per point, once every point passed what a single run is checked for: the schema,
+    its files, the run directory guard, a finished stage of another config, the jobs' interpreter (once per cluster
+    config), sbatch. One bad point refuses the sweep, before anything is written."""
+    from oel_hpc.launch import guard
+    from oel_hpc.pipeline import build_dag, plan
+
+    checked, python_checked = [], set()
+    for point, cfg in zip(sweep.points, cfgs):
+        try:
+            validate(cfg, check_files=not cfg.launch.render_only)
+            paths = guard.check_run_dir(cfg, in_sweep=True)
+            if paths.root.parent != folder:
+                raise ConfigError("run.root", "a sweep's points must share run.root (they live in one folder)")
+            nodes = build_dag(cfg)
+            todo = plan(paths, nodes, cfg.run.overwrite)  # a finished stage of another config: refused here
+            python = OmegaConf.to_yaml(cfg.cluster) + cfg.engine.name
+            if submits and cfg.launch.check_python and todo and python not in python_checked:
+                guard.check_job_python(cfg, paths.root)
+                python_checked.add(python)
+        except ConfigError as e:
+            raise _point_error(point, e) from None
+        checked.append((point, cfg, paths, nodes))
+    if submits and shutil.which("sbatch") is None:
+        raise SlurmError("sbatch not found: run this on a Slurm login node (or start the test cluster: "
+                         "tools/slurm/start.sh)")
+    return checked
+
+
+def _submit_points(name: str, folder: Path, checked: list[tuple]) -> None:
+    """Each point's DAG in turn (the launcher's resume: only what is neither done nor queued); one line each."""
+    from oel_hpc.launch import slurm
+    from oel_hpc.rundir import config_hash
+
+    if checked[0][1].cluster.name == "local":
+        logger.warning("cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a preset such "
+                       "as cluster=local_slurm, a100, h100 or b200")
+    lines = []
+    for point, cfg, paths, nodes in checked:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
+        try:
+            report = slurm.submit(cfg, paths, nodes, run_hash)
+        except Exception:  # the points before it stay queued: say which
+            print("\n".join([f"Sweep '{name}' ({folder}), stopped at point {cfg.run.name}:", *lines]), flush=True)
+            raise
+        lines.append(f"  {cfg.run.name:<40} {_point_outcome(report)}")
+    print("\n".join([f"Sweep '{name}': {len(checked)} points ({folder}/sweep.json)", *lines,
+                     f"Follow it with: python -m oel_hpc.status {folder}"]))
+
+
+def _point_outcome(report) -> str:
+    if report.submitted:
+        jobs = ", ".join(s.job_id for s in report.submitted)
+        return f"submitted {len(report.submitted)} jobs ({jobs})"
+    if report.in_flight:
+        return "nothing to submit: still queued or running"
+    return "nothing to submit: already done"
+
+
 def one_line(exc: BaseException) -> str:
     """Hydra's several-line message (what went wrong, then hints, the key again, where to read more) in one line."""
     lines = []
@@ -265,25 +431,18 @@ def _main(argv: list[str]) -> None:
         else:
             rest.append(argv[i])
             i += 1
-    wants_slurm = any(_SLURM_ARG.match(a) for a in rest)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    if any(a in ("-m", "--multirun") for a in argv):
+        if show in ("hydra", "all"):  # Hydra itself refuses --cfg with --multirun (with a traceback)
+            raise ConfigError("--cfg", f"{show} shows one config, not a sweep's: drop -m, or use --cfg job to see "
+                              "every point")
+        from oel_hpc.launch.sweep import expand
 
-    try:
-        cfg = compose_config(rest)
-    except (HydraException, OmegaConfBaseException) as e:
-        bad_value = config_error(e)  # a key or value the schema refuses (unknown, not of its type or set)
-        if bad_value is not None:
-            raise bad_value from None
-        message = one_line(e)
-        sweep = "--multirun" in message  # Hydra's hint for a sweep value (key=a,b)
-        if sweep and not wants_slurm and any(a in ("-m", "--multirun") for a in argv):
-            hydra_main()  # Hydra's launcher runs one job per value, each validated as it starts
-            return
-        if sweep and wants_slurm:
-            raise ConfigError("overrides", f"{message.split('; ')[0]}: Slurm launching takes one run per "
-                              "command; run it once per value, each with its own run.name") from None
-        raise ConfigError("overrides", message) from None
+        points = expand([a for a in rest if a not in ("-m", "--multirun")])
+        if points is not None:
+            sys.exit(sweep_main(points, show, resolve))
+        # -m without a swept value: one run, as without -m (not Hydra's multirun, which would make its own folder)
+        sys.argv[1:] = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    cfg = compose_point(rest)
     if (cfg.cluster.launcher != "slurm" and not cfg.launch.render_only and not cfg.launch.plan_only
             or show in ("hydra", "all")):
         if show is None:

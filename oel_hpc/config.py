@@ -432,7 +432,8 @@ register()
 # Validation
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# a run, or a point of a sweep: <sweep>/<point> (oel_hpc/launch/sweep.py), one folder inside the sweep's folder
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def resolve_model_dir(path: str, key: str = "model.path") -> Optional[Path]:
@@ -793,7 +794,8 @@ def check_schema(cfg: DictConfig) -> None:
         raise config_error(e) or ConfigError("config", str(e).split("\n")[0]) from None
     name = cfg.run.name
     if not _RUN_NAME.match(name):
-        raise ConfigError("run.name", f"'{name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
+        raise ConfigError("run.name", f"'{name}' must be letters, digits, '.', '_' or '-' (it names a folder; "
+                          "<sweep>/<point> for a point of a sweep)")
     if len(name) > RUN_NAME_MAX:
         raise ConfigError("run.name", f"{len(name)} characters; at most {RUN_NAME_MAX} (it names a folder)")
 

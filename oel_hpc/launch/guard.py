@@ -30,12 +30,22 @@ _SETUP_DONE = "oel_hpc-setup-done"
 _NOT_FOUND = 127  # bash's status for a command it cannot find
 
 
-def check_run_dir(cfg: DictConfig) -> RunPaths:
-    """The run directory, which must lie inside run.root (a symlinked run name may not lead elsewhere)."""
+def check_run_dir(cfg: DictConfig, in_sweep: bool = False) -> RunPaths:
+    """The run directory, which must lie inside run.root (a symlinked run name may not lead elsewhere). A run name
+    `<sweep>/<point>` is a point of a sweep: its folder lies in the sweep's folder, which holds sweep.json (or is
+    about to: `in_sweep`, the sweep launcher checking its points); a plain run name may not be a sweep's folder."""
     root = Path(cfg.run.root).expanduser().resolve()
+    sweep, _, point = cfg.run.name.rpartition("/")
     run_dir = (root / cfg.run.name).resolve()
-    if run_dir.parent != root:
+    expected = (root / sweep).resolve() if sweep else root
+    if run_dir.parent != expected or (sweep and expected.parent != root):
         raise StageConflict(f"run directory {root / cfg.run.name} resolves to {run_dir}, outside run.root {root}")
+    if sweep and not in_sweep and not (expected / "sweep.json").is_file():
+        raise StageConflict(f"run.name '{cfg.run.name}' names point '{point}' of sweep '{sweep}', but {expected} "
+                            "holds no sweep.json: a sweep is made with -m key=v1,v2 (docs/sweeps.md)")
+    if not sweep and (run_dir / "sweep.json").is_file():
+        raise StageConflict(f"run.name '{cfg.run.name}' is a sweep ({run_dir / 'sweep.json'}), not a run: pick "
+                            "another run.name, or run its points with the sweep's command (-m)")
     return RunPaths(run_dir)
 
 
