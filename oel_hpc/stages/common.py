@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from oel_hpc.pipeline import model_path
+from oel_hpc.pipeline import STAGE_KEYS, model_path, section
 from oel_hpc.progress import TaskRecord
 from oel_hpc.prompts import PromptBuilder, context_needed, prompt_budgets
 from oel_hpc.rundir import RunPaths
@@ -27,6 +27,13 @@ def same_architecture(a: str, b: str) -> bool:
         return shape(a) == shape(b)
     except (OSError, ValueError):
         return False
+
+
+def wandb_config(cfg: DictConfig, r: int, stage: str, task: Optional[int], stage_hash: str) -> dict:
+    """What a task's wandb run shows as its config: the keys its stage reads (pipeline.STAGE_KEYS; runs of a sweep
+    differ there) and the model, without reading any other key."""
+    return {"round": r, "stage": stage, "task": task, "stage_hash": stage_hash, "model": section(cfg, "model"),
+            **{key: section(cfg, key) for key in STAGE_KEYS[stage]}}
 
 
 @dataclass
@@ -93,8 +100,7 @@ class StageContext:
                            run_id=wandb_run_id(self.paths.root, cfg.run.name, r, stage, task,
                                                self.stage_hash(r, stage)),
                            folder=path.parent, record_name=self.paths.display(path),
-                           config={"round": r, "stage": stage, "task": task, "stage_hash": self.stage_hash(r, stage),
-                                   **OmegaConf.to_container(cfg, resolve=True)})
+                           config=wandb_config(cfg, r, stage, task, self.stage_hash(r, stage)))
         try:
             return TaskRecord(path, total, unit, run, keep_upto=keep_upto, enabled=enabled)
         except BaseException:
