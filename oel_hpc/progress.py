@@ -8,13 +8,14 @@ up to where it resumes. The record is not an output: DONE never lists it, nothin
 Torch-free: the dashboard and the lifecycle import it."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
 
 from oel_hpc.errors import DamagedInput
 from oel_hpc.log import get_logger
-from oel_hpc.rundir import read_jsonl, write_jsonl_atomic
+from oel_hpc.rundir import read_jsonl, write_text_atomic
 
 log = get_logger(__name__)
 
@@ -28,20 +29,29 @@ class TaskRecord:
             raise ValueError(f"progress unit '{unit}' is not one of {UNITS}")
         self.path, self.total, self.unit, self.wandb, self.enabled = path, int(total), unit, wandb_run, enabled
         self.rows: list[dict] = []
+        self._lines: list[str] = []  # the rows as written: each serialised once, however long the task
         if not enabled:
             return
         if keep_upto is not None and path.is_file():
             self.rows = [row for row in _readable_rows(path) if row.get("done", 0) <= keep_upto]
-        write_jsonl_atomic(path, self.rows)  # a fresh start empties what an earlier attempt wrote
+        self._lines = [json.dumps(row) + "\n" for row in self.rows]
+        self._write()  # a fresh start empties what an earlier attempt wrote
 
     def step(self, done: int, **measures) -> None:
         """Unit `done` (1-based) of `total` is finished, with what it measured."""
         if not self.enabled:
             return
-        self.rows.append({"done": int(done), "total": self.total, "unit": self.unit, "t": time.time(), **measures})
-        write_jsonl_atomic(self.path, self.rows)
+        row = {"done": int(done), "total": self.total, "unit": self.unit, "t": time.time(), **measures}
+        self.rows.append(row)
+        self._lines.append(json.dumps(row) + "\n")
+        self._write()
         if self.wandb is not None:
             self.wandb.log(done, measures)
+
+    def _write(self) -> None:
+        # temp + rename (never a torn line), without fsync (the cost of a rewrite; docs/wandb.md): the file is no
+        # output, and what a crash of the machine could lose of it the stage's own files hold
+        write_text_atomic(self.path, "".join(self._lines), durable=False)
 
     def close(self, failed: bool = False) -> None:
         """Ends the task's wandb run (one per process at a time: the next task's starts clean)."""
