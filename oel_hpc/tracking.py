@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -79,7 +80,7 @@ class WandbRun:
 
     def __init__(self, wandb_cfg, *, group: str, job_type: str, name: str, run_id: str, folder: Path,
                  config: dict, record_name: str):
-        self.job_type, self.record_name, self.run = job_type, record_name, None
+        self.job_type, self.record_name, self.run, self.step = job_type, record_name, None, 0
         try:  # a WANDB_MODE wandb does not know is refused at launch; one set by a job's setup only costs wandb
             mode = wandb_mode(wandb_cfg.mode)
         except ConfigError as e:
@@ -98,7 +99,7 @@ class WandbRun:
                                   reinit="finish_previous",  # one wandb run per process: a stage before is over
                                   settings=wandb.Settings(silent=True,
                                                           init_timeout=float(wandb_cfg.init_timeout_s)))
-            # x axis: the task's own unit count, not wandb's step, which a restarted task cannot go back on
+            # x axis: the task's own unit count, not wandb's step (a time: see log)
             self.run.define_metric(f"{job_type}/done")
             self.run.define_metric(f"{job_type}/*", step_metric=f"{job_type}/done")
         except Exception as e:  # noqa: BLE001 - whatever wandb raises, the stage goes on without it
@@ -115,8 +116,12 @@ class WandbRun:
     def log(self, done: int, measures: Mapping[str, object]) -> None:
         if self.run is None:
             return
+        # wandb's step: the time in milliseconds, so that the attempts of a requeued task, uploaded one after the
+        # other into one wandb run, never go back on it (wandb drops rows whose step it has passed)
+        self.step = max(self.step + 1, time.time_ns() // 1_000_000)
         try:
-            self.run.log({f"{self.job_type}/{k}": v for k, v in {**numbers(measures), "done": done}.items()})
+            self.run.log({f"{self.job_type}/{k}": v for k, v in {**numbers(measures), "done": done}.items()},
+                         step=self.step)
         except Exception as e:  # noqa: BLE001
             self._give_up("wandb.log", e)
             self._finish(quiet=True)

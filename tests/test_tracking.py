@@ -73,7 +73,7 @@ def wandb_runs(run_dir):
     """Every offline run under the run directory: its folder, id, group, job type, name, logged rows, exit code."""
     runs = []
     for path in sorted(run_dir.rglob("offline-run-*/run-*.wandb")):
-        found = {"folder": path.parent, "history": [], "exit": None}
+        found = {"folder": path.parent, "history": [], "steps": [], "exit": None}
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
@@ -82,6 +82,7 @@ def wandb_runs(run_dir):
             elif kind == "history":
                 items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
                 found["history"].append({k: v for k, v in items.items() if not k.startswith("_")})
+                found["steps"].append(items["_step"])
             elif kind == "exit":
                 found["exit"] = record.exit.exit_code
         runs.append(found)
@@ -255,4 +256,6 @@ def test_a_resumed_task_continues_its_wandb_run_and_keeps_its_rows(run):
         assert len(again) == 2 and {w["id"] for w in again} == {before[name]["id"]}, again
         new = next(w for w in again if w["folder"] != before[name]["folder"])
         assert [h[f"{new['job_type']}/done"] for h in new["history"]] == logged and new["exit"] == 0
+        # wandb's step goes on from the attempt before: uploaded after it into one wandb run, no row is dropped
+        assert min(new["steps"]) > max(before[name]["steps"]), (before[name]["steps"], new["steps"])
     assert len(after) == len(before) + 2  # nothing else ran
