@@ -66,7 +66,7 @@ def run(ctx: StageContext, r: int, seed: int) -> list[Path]:
             score(0)
         for step in log.progress(range(1, cfg.extract.steps + 1), desc=f"r{r} extract seed {seed}", unit="step"):
             outputs.append(extract_step(step))
-            if cfg.extract.eval_games:  # the held-out games with this step's experience (the same seeds, any order)
+            if cfg.extract.eval_games:  # scores.jsonl step k: the held-out games with the experience after step k
                 score(step)
             text = fmt.render(items)
             record.step(step, experience_items=len(items), experience_tokens=engine.count_tokens(text),
