@@ -213,6 +213,18 @@ def test_wandb_disabled_writes_the_record_and_no_wandb_folder(tmp_path):
     assert not list(tmp_path.rglob("wandb"))
 
 
+def test_only_rank_0_records_and_logs(tmp_path, monkeypatch):
+    cfg = compose([f"run.root={tmp_path}", "wandb.mode=offline"])
+    paths = RunPaths(tmp_path / RUN)
+    ctx = StageContext(cfg, paths, {n.id: n.hash for n in build_dag(cfg)})
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with ctx.record(1, "consolidate", None, total=2) as record:
+        assert record.wandb is None
+        record.step(1, kl=0.5)
+    assert not list(tmp_path.rglob("*.jsonl")) and not list(tmp_path.rglob("wandb"))
+
+
 def test_redoing_an_evaluation_clears_its_record(tmp_path):
     cfg = compose([f"run.root={tmp_path}"])
     paths = RunPaths(tmp_path / RUN)
