@@ -122,6 +122,22 @@ def test_one_offline_wandb_run_per_task_grouped_named_and_logging_its_rows(run):
         assert not p.is_file() or KEY.encode() not in p.read_bytes(), p
 
 
+def test_the_documented_upload_command_finds_every_tasks_run(run):
+    """docs/wandb.md's `wandb sync` line, as a user types it (a shell expands its globs), with --dry-run: no server."""
+    root, run_dir = run
+    docs = (ROOT / "docs/wandb.md").read_text()
+    [command] = [line for line in docs.splitlines() if line.startswith("wandb sync runs/<name>/")]
+    home = root / "sync-home"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, "WANDB_CONFIG_DIR": str(home),
+           "WANDB_BASE_URL": "http://127.0.0.1:9", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-c", command.replace("wandb sync", "wandb sync --dry-run", 1)
+                          .replace("runs/<name>", str(run_dir))], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    listed = sorted(line.split()[-1] for line in (out.stdout + out.stderr).splitlines() if line.endswith(".wandb"))
+    assert listed == sorted(str(p) for p in run_dir.rglob("offline-run-*/run-*.wandb")) and len(listed) == 7
+
+
 def check_rows(rows, total, unit):
     assert [r["done"] for r in rows] == list(range(1, total + 1))
     assert all(r["total"] == total and r["unit"] == unit for r in rows)
