@@ -86,8 +86,7 @@ def eval_steps(cfg: DictConfig) -> list[int]:
     return sorted({0, last, *range(cfg.consolidate.save_freq, last + 1, cfg.consolidate.save_freq)})
 
 
-def section(cfg: DictConfig, key: str):
-    """A config key's value, a section as plain dicts."""
+def _section(cfg: DictConfig, key: str):
     value = OmegaConf.select(cfg, key)
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
@@ -95,12 +94,12 @@ def section(cfg: DictConfig, key: str):
 def build_dag(cfg: DictConfig) -> list[Node]:
     """All nodes in an order where every node comes after its dependencies."""
     nodes: list[Node] = []
-    model_hash = config_hash({k: section(cfg, f"model.{k}") for k in ("path", "dtype", "thinking")})
+    model_hash = config_hash({k: _section(cfg, f"model.{k}") for k in ("path", "dtype", "thinking")})
     previous: list[Node] = []  # the consolidation whose export this round starts from
     for r in range(1, cfg.pipeline.rounds + 1):
         def make(stage: str, deps: list[Node], tasks=None, **extra) -> Node:
             payload = {"round": r, "model": model_hash, "deps": [d.hash for d in deps], **extra,
-                       **{k: section(cfg, k) for k in STAGE_KEYS[stage]}}
+                       **{k: _section(cfg, k) for k in STAGE_KEYS[stage]}}
             node = Node(r, stage, [d.id for d in deps], config_hash(payload), tasks)
             nodes.append(node)
             return node

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.pipeline import STAGE_KEYS, model_path, section
+from oel_hpc.pipeline import STAGE_KEYS, model_path
 from oel_hpc.progress import TaskRecord
 from oel_hpc.prompts import PromptBuilder, context_needed, prompt_budgets
 from oel_hpc.rundir import RunPaths
@@ -32,8 +32,12 @@ def same_architecture(a: str, b: str) -> bool:
 def wandb_config(cfg: DictConfig, r: int, stage: str, task: Optional[int], stage_hash: str) -> dict:
     """What a task's wandb run shows as its config: the keys its stage reads (pipeline.STAGE_KEYS; runs of a sweep
     differ there) and the model, without reading any other key."""
-    return {"round": r, "stage": stage, "task": task, "stage_hash": stage_hash, "model": section(cfg, "model"),
-            **{key: section(cfg, key) for key in STAGE_KEYS[stage]}}
+    def value(key: str):
+        found = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(found, resolve=True) if isinstance(found, DictConfig) else found
+
+    return {"round": r, "stage": stage, "task": task, "stage_hash": stage_hash, "model": value("model"),
+            **{key: value(key) for key in STAGE_KEYS[stage]}}
 
 
 @dataclass
