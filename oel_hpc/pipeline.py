@@ -156,7 +156,10 @@ def task_outputs(paths: RunPaths, node: Node, task: Optional[int]) -> list[Path]
         "gather": lambda: [paths.experience_list(r), paths.done(r, "gather").parent],
         "deploy": lambda: [paths.deploy_dir(r)],
         "consolidate": lambda: [paths.consolidate_dir(r)],
-        "evaluate": lambda: [paths.eval_result(r, task), paths.done(r, "evaluate", task)],
+        # its progress record too: the other stages' lie in the folders above (the dashboard must not show an
+        # attempt's rows as those of the next)
+        "evaluate": lambda: [paths.eval_result(r, task), paths.done(r, "evaluate", task),
+                             paths.progress(r, "evaluate", task)],
     }[node.stage]()
 
 

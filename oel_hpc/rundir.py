@@ -142,7 +142,8 @@ def share_run_dir(root: Path, umask: Optional[str], group: Optional[str]) -> Non
 # Atomic writes
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """`durable=False`: no fsync (a record rewritten often that a crash may leave a version behind, never torn)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -150,15 +151,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
+def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
+    write_bytes_atomic(path, text.encode(), durable)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -112,7 +112,7 @@ def test_interrupted_consolidation_resumes_to_the_same_weights(first_run, tmp_pa
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     (consolidate / "ckpt/latest").write_text("1\n")
     for p in (copy / "round_1/eval").glob("*"):
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink()  # eval/wandb: the evaluations' wandb runs
     out = oel(tmp_path)
     assert "resumed from checkpoint step 1" in out.stderr
     original = load_file(run / "round_1/consolidate/hf/model.safetensors")

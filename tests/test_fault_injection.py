@@ -46,11 +46,12 @@ def run(root: Path) -> subprocess.CompletedProcess:
 
 
 def result_files(run_dir: Path) -> list[Path]:
-    """What a run produced for its user: the stages' files, without checkpoints, logs, markers or wandb folders."""
+    """What a run produced for its user: the stages' files, without checkpoints, logs, markers, progress records or
+    wandb folders."""
     skip = {"ckpt", "wandb", "logs"}
     return sorted(p for p in (run_dir / "round_1").rglob("*")
                   if p.is_file() and not skip & set(p.relative_to(run_dir).parts)
-                  and not p.name.startswith(("DONE", ".")))
+                  and not p.name.startswith(("DONE", ".", "progress.")))
 
 
 def content(path: Path):
@@ -155,7 +156,8 @@ def test_damaged_files_are_redone_or_named(reference, trials, tmp_path):
     ref, _ = reference
     seed, _, damages = trials
     rng = random.Random(seed + 1)
-    candidates = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and "wandb" not in p.parts)
+    candidates = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file() and "wandb" not in p.parts
+                        and not p.name.startswith("progress."))  # a task's progress record is no output
     for i in range(damages):
         root = tmp_path / f"damage_{i}"
         shutil.copytree(ref.parent, root, symlinks=True)

@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import ROOT, compose
 from oel_hpc.errors import ConfigError
 from oel_hpc.tracking import wandb_mode
+from oel_hpc.progress import TaskRecord
+from oel_hpc.tracking import WandbRun
 from oel_hpc.train.metrics import MetricsLog
 
 KEY = "0123456789abcdef0123456789abcdef5ec7e7a1"  # 40 characters, as a real key; no server ever sees it
@@ -82,14 +84,27 @@ def assert_key_nowhere(folder, *texts):
 ROWS = [{"step": 1, "kl": 0.5}, {"step": 2, "kl": 0.25}]
 
 
+def metrics_log(out, wandb_cfg, name):
+    """The consolidation's metrics log as the stage makes it: metrics.jsonl, and each row through the task's progress
+    record to its wandb run (StageContext.record)."""
+    run = WandbRun(wandb_cfg, group="g", job_type="consolidate", name=name, run_id=name, folder=out.parent,
+                   config={"a": 1}, record_name="progress.jsonl")
+    return MetricsLog(out, 0, TaskRecord(out.parent / "progress.jsonl", 2, "step", run))
+
+
 FAILING_STAGE = """
 import sys
 from pathlib import Path
 from omegaconf import OmegaConf
 from oel_hpc.config import WandbConfig
+from oel_hpc.progress import TaskRecord
+from oel_hpc.tracking import WandbRun
 from oel_hpc.train.metrics import MetricsLog
 cfg = OmegaConf.structured(WandbConfig(mode="online", init_timeout_s=3))
-metrics = MetricsLog(Path(sys.argv[1]), 0, cfg, "failing-r1", {"a": 1})
+out = Path(sys.argv[1])
+run = WandbRun(cfg, group="g", job_type="consolidate", name="r1/consolidate", run_id="failing-r1", folder=out.parent,
+               config={"a": 1}, record_name="progress.jsonl")
+metrics = MetricsLog(out, 0, TaskRecord(out.parent / "progress.jsonl", 2, "step", run))
 for step in (1, 2):
     metrics.log({"step": step, "kl": 1 / step})
 metrics.close()
@@ -115,7 +130,7 @@ def test_failing_wandb_costs_one_warning_line_not_the_metrics(wandb_env):
 
 def test_offline_writes_its_run_folder_and_no_key(wandb_env, capfd):
     out = wandb_env / "run" / "metrics.jsonl"
-    metrics = MetricsLog(out, 0, compose([]).wandb, "offline-r1", {"a": 1})  # auto, WANDB_MODE unset: offline
+    metrics = metrics_log(out, compose([]).wandb, "offline-r1")  # auto, WANDB_MODE unset: offline
     for row in ROWS:
         metrics.log(row)
     metrics.close()
@@ -129,17 +144,17 @@ def test_offline_writes_its_run_folder_and_no_key(wandb_env, capfd):
 
 def test_a_failing_log_turns_wandb_off_and_hides_the_key(wandb_env, capfd):
     out = wandb_env / "run" / "metrics.jsonl"
-    metrics = MetricsLog(out, 0, compose(["wandb.mode=offline"]).wandb, "broken-r1", {})
-    assert metrics.wandb is not None
+    metrics = metrics_log(out, compose(["wandb.mode=offline"]).wandb, "broken-r1")
+    assert metrics.record.wandb.run is not None
 
     def broken(*args, **kwargs):
         raise RuntimeError(f"upload refused for key {KEY}\nsecond line of detail")
 
-    metrics.wandb.log = broken
+    metrics.record.wandb.run.log = broken
     for row in ROWS:
         metrics.log(row)
     metrics.close()
-    assert metrics.wandb is None and [json.loads(line) for line in out.read_text().splitlines()] == ROWS
+    assert metrics.record.wandb is None and [json.loads(line) for line in out.read_text().splitlines()] == ROWS
     captured = capfd.readouterr()
     warnings = [line for line in captured.err.splitlines() if "wandb is off" in line]
     assert len(warnings) == 1 and "wandb.log failed" in warnings[0], captured.err
@@ -150,7 +165,7 @@ def test_a_failing_log_turns_wandb_off_and_hides_the_key(wandb_env, capfd):
 def test_a_bad_wandb_mode_in_a_jobs_environment_costs_wandb_only(wandb_env, monkeypatch, capfd):
     monkeypatch.setenv("WANDB_MODE", "onlin")  # validated at launch; a job's cluster.setup could still set it
     out = wandb_env / "run" / "metrics.jsonl"
-    metrics = MetricsLog(out, 0, compose([]).wandb, "bad-env-r1", {})
+    metrics = metrics_log(out, compose([]).wandb, "bad-env-r1")
     metrics.log(ROWS[0])
     metrics.close()
     assert out.read_text().splitlines() == [json.dumps(ROWS[0])]

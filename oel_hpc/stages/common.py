@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from oel_hpc.pipeline import model_path
+from oel_hpc.pipeline import STAGE_KEYS, model_path
+from oel_hpc.progress import TaskRecord
 from oel_hpc.prompts import PromptBuilder, context_needed, prompt_budgets
 from oel_hpc.rundir import RunPaths
 
@@ -26,6 +27,17 @@ def same_architecture(a: str, b: str) -> bool:
         return shape(a) == shape(b)
     except (OSError, ValueError):
         return False
+
+
+def wandb_config(cfg: DictConfig, r: int, stage: str, task: Optional[int], stage_hash: str) -> dict:
+    """What a task's wandb run shows as its config: the keys its stage reads (pipeline.STAGE_KEYS; runs of a sweep
+    differ there) and the model, without reading any other key."""
+    def value(key: str):
+        found = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(found, resolve=True) if isinstance(found, DictConfig) else found
+
+    return {"round": r, "stage": stage, "task": task, "stage_hash": stage_hash, "model": value("model"),
+            **{key: value(key) for key in STAGE_KEYS[stage]}}
 
 
 @dataclass
@@ -74,6 +86,31 @@ class StageContext:
         if self._engine is not None and hasattr(self._engine[1], "close"):
             self._engine[1].close()
         self._engine = None
+
+    def record(self, r: int, stage: str, task: Optional[int], total: int, unit: str = "step",
+               keep_upto: Optional[int] = None, enabled: Optional[bool] = None) -> TaskRecord:
+        """The task's progress record (oel_hpc/progress.py) and its wandb run; use it as a context manager (the
+        wandb run ends with the task). `keep_upto`: resumed after unit k, keep the rows up to it (else a fresh
+        record). Written by rank 0 only (`enabled`: this process's say, by default rank 0 of the environment)."""
+        from oel_hpc.ranks import detect_env
+        from oel_hpc.tracking import WandbRun, task_label, wandb_run_id
+
+        path = self.paths.progress(r, stage, task)
+        enabled = detect_env().rank == 0 if enabled is None else enabled
+        run = None
+        if enabled:
+            cfg = self.cfg
+            run = WandbRun(cfg.wandb, group=cfg.run.name, job_type=stage, name=task_label(r, stage, task),
+                           run_id=wandb_run_id(self.paths.root, cfg.run.name, r, stage, task,
+                                               self.stage_hash(r, stage)),
+                           folder=path.parent, record_name=self.paths.display(path),
+                           config=wandb_config(cfg, r, stage, task, self.stage_hash(r, stage)))
+        try:
+            return TaskRecord(path, total, unit, run, keep_upto=keep_upto, enabled=enabled)
+        except BaseException:
+            if run is not None:
+                run.finish(failed=True)
+            raise
 
     def prompt_builder(self, engine) -> PromptBuilder:
         return PromptBuilder(self.cfg.prompts, engine.count_chat_tokens, *prompt_budgets(self.cfg))

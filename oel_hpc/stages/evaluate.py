@@ -45,14 +45,24 @@ def run(ctx: StageContext, r: int, step: int) -> list[Path]:
                           sampling=cfg.evaluate.sampling, experience=experience, **game_rules(cfg.env),
                           sampling_seed=derive_seed("evaluate", cfg.pipeline.seed), desc=desc)
 
-    result = {"round": r, "step": step, "model": paths.display(model), **scores(play(seeds))}
-    if step == 0 and cfg.evaluate.teacher:
-        _, texts = load_experience_list(paths.experience_list(r), paths.root)
-        experiences = [t for t in texts if t.strip()]
-        if experiences:  # none: consolidation refuses to start (or trains on purpose without); nothing to show
-            games: list[GameResult] = []
-            for k, text in enumerate(experiences):
-                games += play(seeds[k::len(experiences)], text, desc=f"r{r} eval teacher {k + 1}/{len(experiences)}")
-            result["teacher"] = {**scores(games), "experiences": len(experiences)}
-    write_json_atomic(paths.eval_result(r, step), result)
+    with ctx.record(r, "evaluate", step, total=1, unit="checkpoint") as record:
+        result = {"round": r, "step": step, "model": paths.display(model), **scores(play(seeds))}
+        if step == 0 and cfg.evaluate.teacher:
+            result.update(_teacher(ctx, r, seeds, play))
+        write_json_atomic(paths.eval_result(r, step), result)
+        measured = {k: v for k, v in result.items() if k not in ("round", "step", "model", "teacher")}
+        record.step(1, checkpoint=step, **measured,
+                    **{f"teacher_{k}": v for k, v in result.get("teacher", {}).items()})
     return [paths.eval_result(r, step)]
+
+
+def _teacher(ctx: StageContext, r: int, seeds: list[int], play) -> dict:
+    """{"teacher": scores} of the held-out games with the round's experience in context; {} without any."""
+    _, texts = load_experience_list(ctx.paths.experience_list(r), ctx.paths.root)
+    experiences = [t for t in texts if t.strip()]
+    if not experiences:  # consolidation refuses to start (or trains on purpose without); nothing to show
+        return {}
+    games: list[GameResult] = []
+    for k, text in enumerate(experiences):
+        games += play(seeds[k::len(experiences)], text, desc=f"r{r} eval teacher {k + 1}/{len(experiences)}")
+    return {"teacher": {**scores(games), "experiences": len(experiences)}}

@@ -37,9 +37,8 @@ def run(ctx: StageContext, r: int, seed: int) -> list[Path]:
         scores.append({"step": step, "pass_rate": sum(g.success for g in results) / len(results),
                        "experience_tokens": engine.count_tokens(text or "")})
 
-    for step in log.progress(range(1, cfg.extract.steps + 1), desc=f"r{r} extract seed {seed}", unit="step"):
-        if cfg.extract.eval_games:
-            score(step - 1)
+    def extract_step(step: int) -> Path:
+        nonlocal items
         game_seed = extract_seed(r, seed, step, scheme=cfg.env.seeds, shared=cfg.extract.shared_games)
         [game] = play_games(engine, builder, cfg.env.name, [game_seed], max_turns=cfg.env.max_turns,
                             **game_rules(cfg.env),
@@ -54,15 +53,25 @@ def run(ctx: StageContext, r: int, seed: int) -> list[Path]:
         items = fmt.append_capped(items, reading.items, cfg.experience.max_tokens, engine.count_tokens)
         path = paths.experience(r, seed, step)
         write_text_atomic(path, fmt.render(items))
-        outputs.append(path)
         games.append({"step": step, "game_seed": game_seed, "success": game.success, "turns": len(game.turns),
                       "end_reason": game.end_reason, "responses": [t.response for t in game.turns],
                       "valid": [t.valid for t in game.turns],
                       "final_log": game.final_log, "extractor_prompt": messages, "extractor_response": answer.text,
                       "extractor_tokens": len(answer.token_ids), "extractor_truncated": reading.truncated,
                       "new_items": reading.items})
-    if cfg.extract.eval_games:
-        score(cfg.extract.steps)
+        return path
+
+    with ctx.record(r, "extract", seed, total=cfg.extract.steps) as record:
+        if cfg.extract.eval_games:
+            score(0)
+        for step in log.progress(range(1, cfg.extract.steps + 1), desc=f"r{r} extract seed {seed}", unit="step"):
+            outputs.append(extract_step(step))
+            if cfg.extract.eval_games:  # scores.jsonl step k: the held-out games with the experience after step k
+                score(step)
+            text = fmt.render(items)
+            record.step(step, experience_items=len(items), experience_tokens=engine.count_tokens(text),
+                        success=bool(games[-1]["success"]),
+                        **({"heldout_pass_rate": scores[-1]["pass_rate"]} if cfg.extract.eval_games else {}))
     truncated = sum(g["extractor_truncated"] for g in games)
     if truncated:
         logger.warning(f"{truncated} of {len(games)} extractor answers were cut off at "

@@ -17,12 +17,15 @@ def run(ctx: StageContext, r: int, task=None) -> list[Path]:
     cfg, paths = ctx.cfg, ctx.paths
     tokenizer = ctx.tokenizer(r)
     entries = []
-    for seed, step, path, text in _sources(cfg, paths, r):
-        tokens = len(tokenizer.encode(text, add_special_tokens=False))
-        if not text.strip():
-            logger.warning(f"round {r} extraction seed {seed} wrote an EMPTY experience_{step} ({paths.rel(path)}): "
-                           "its rows would teach nothing")
-        entries.append(ExperienceEntry(seed, step, paths.rel(path), sha256_text(text), tokens))
+    sources = list(_sources(cfg, paths, r))
+    with ctx.record(r, "gather", None, total=len(sources)) as record:
+        for k, (seed, step, path, text) in enumerate(sources, 1):
+            tokens = len(tokenizer.encode(text, add_special_tokens=False))
+            if not text.strip():
+                logger.warning(f"round {r} extraction seed {seed} wrote an EMPTY experience_{step} "
+                               f"({paths.rel(path)}): its rows would teach nothing")
+            entries.append(ExperienceEntry(seed, step, paths.rel(path), sha256_text(text), tokens))
+            record.step(k, seed=seed, experience_tokens=tokens)
     outputs = [paths.experience_list(r)] + [paths.root / e.path for e in entries]
     write_json_atomic(paths.experience_list(r), [entry_dict(e) for e in entries])
     return outputs

@@ -136,6 +136,7 @@ def consolidate(ctx, r: int, d: distributed.Dist | None = None) -> list[Path]:
         d.barrier()  # the export (rank 0) is complete before any rank ends the stage
         finished = True
     finally:
+        run.metrics.close(failed=not finished)  # its wandb run ends with the stage, whatever happened
         # vLLM's shutdown also ends the torch.distributed group its engine joined (the trainer's, with several
         # ranks): only after the stage's last collective. A process of one closes it whatever happened, so a next
         # stage in the same process starts its engine clean; a rank that failed leaves it to the process's exit.
@@ -176,9 +177,8 @@ def _prepare(ctx, r: int, d: distributed.Dist) -> Round:
     start = checkpoint.resume(paths.ckpt_dir(r), trainer, stage_hash, d)
     if start and d.is_main:
         log.info(f"r{r} consolidate: resumed from checkpoint step {start} on {trainer.describe()}")
-    metrics = MetricsLog(paths.metrics(r), start, cfg.wandb, f"{cfg.run.name}-r{r}-consolidate-{stage_hash[:8]}",
-                         {"round": r, "consolidate": dict(c), "model": base, "ranks": d.world_size},
-                         enabled=d.is_main)
+    record = ctx.record(r, "consolidate", None, total=c.steps, keep_upto=start, enabled=d.is_main)
+    metrics = MetricsLog(paths.metrics(r), start, record, enabled=d.is_main)
     # a resumed run goes on counting the skipped steps its checkpoint ended with (rank 0 holds the rows)
     return Round(ctx, r, d, stage_hash, experiences, tokenizer, trainer, engine, builder, actions, start, metrics,
                  d.broadcast(skipped_at_end(metrics.rows)))
@@ -281,7 +281,7 @@ def _train_step(run: Round, step: int, samples: list[Sample], tokens: int) -> tu
     # checkpoint or export holds them. One reduction per weight and one sync (train/numerics.py).
     bad = trainer.non_finite_weight()
     if bad is not None:
-        run.metrics.close()
+        run.metrics.close(failed=True)
         c = run.cfg.consolidate
         raise NonFiniteWeights(
             f"r{run.r} consolidate: the update of step {step} made the weights non-finite ({bad}) from a finite "
@@ -307,7 +307,7 @@ def _stop_when_skipping(run: Round, step: int, skip_reason: str | None) -> None:
     limit, skipped = run.cfg.consolidate.max_skipped_in_a_row, run.skipped_in_a_row
     if not limit or len(skipped) < limit:
         return
-    run.metrics.close()
+    run.metrics.close(failed=True)
     where = run.paths.display(run.paths.metrics(run.r))
     steps = f"update of step {step} was" if len(skipped) == 1 else f"updates of steps {skipped[0]}-{step} were"
     raise SkippedInARow(
@@ -328,7 +328,7 @@ def _save_or_stop(run: Round, step: int, signals: preemption.StopSignals) -> Non
     if stop and step < c.steps:
         if saved is None:
             saved = checkpoint.save(ckpt_dir, step, run.trainer, run.stage_hash, c.keep_checkpoints, run.d)
-        run.metrics.close()
+        run.metrics.close(failed=True)
         raise preemption.stop(stop, step, run.paths.display(saved), run.d, requeue=run.cfg.cluster.requeue)
 
 
