@@ -115,11 +115,13 @@ def extraction(paths: RunPaths, r: int, seed: int, config: dict) -> dict:
                 items = len(exp.parse_items(text, marker, "marker")) if mode == "items" else int(bool(text.strip()))
                 out["items"].append((int(name[11:-4]), items))
                 out["size"].append((int(name[11:-4]), len(text)))
-    if not out["heldout"]:
-        # scores.jsonl: step k = the experience after k updates, played on the held-out games
-        scores = _read_jsonl(paths.seed_dir(r, seed) / "scores.jsonl")
-        out["heldout"] = [(row["step"], row["pass_rate"]) for row in scores
-                          if isinstance(row.get("step"), (int, float)) and row.get("pass_rate") is not None]
+    # a finished seed's scores.jsonl (step k = the experience after k updates, played on the held-out games) also
+    # has step 0, which the progress record (one row per step done) has not: it wins where it exists
+    scores = _read_jsonl(paths.seed_dir(r, seed) / "scores.jsonl")
+    heldout = [(row["step"], row["pass_rate"]) for row in scores
+               if isinstance(row.get("step"), (int, float)) and row.get("pass_rate") is not None]
+    if heldout:
+        out["heldout"] = heldout
     return out
 
 

@@ -11,7 +11,8 @@ be `/bin/true` anyway (`cluster.python=/bin/true`).
 Prints: the planner's wall time (`python -m oel_hpc ... launch.plan_only=true` as a subprocess, before
 submitting), the sbatch calls and seconds per round of the submission (the launcher's `submit()` in-process), the
 arrays after the split, and the wall time of `python -m oel_hpc.status <run>` (a subprocess, several repeats,
-median; target < 1 s) on the submitted run.
+median; target < 1 s) on the submitted run, and the HTML report of it (`status --html`): its time, size, and
+whether it loads and its plots draw in headless chromium (when installed).
 
     eval "$(tools/slurm/start.sh | tail -1)"; python tools/bench_scale.py
 """
@@ -86,6 +87,31 @@ def submit_in_process(overrides: list[str]):
     return report, client.seconds, time.perf_counter() - t0, paths.root
 
 
+def browser_check(html: Path) -> str:
+    """Open the report in headless chromium (as tests/test_report_browser.py does) and say how many plots drew a
+    series; the page's load time too."""
+    import re
+
+    from tests.test_report_browser import CHROMIUM, FLAGS, MEASURE
+
+    if CHROMIUM is None:
+        return "not checked (chromium is not installed)"
+    measured = html.with_name("measured.html")
+    measured.write_text(html.read_text().replace("</body>", MEASURE + "</body>"))
+    t0 = time.perf_counter()
+    out = subprocess.run([CHROMIUM, *FLAGS, "--virtual-time-budget=5000", "--window-size=1300,3000", "--dump-dom",
+                          measured.as_uri()], capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    found = re.search(r'<pre id="geometry">(.*?)</pre>', out.stdout, re.S)
+    if out.returncode != 0 or not found:
+        return f"FAILED to load (exit {out.returncode}): {out.stderr.strip()[-300:]}"
+    plots = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    drew = [p["id"] for p in plots if p["w"] > 0 and p["h"] > 0 and (p["lines"] or p["dots"] or p["bars"])]
+    empty = [p["id"] for p in plots if p["id"] not in drew]
+    return (f"loaded and laid out in {seconds:.1f} s; {len(drew)} of {len(plots)} plots drew a series"
+            + (f" (empty: {', '.join(empty)})" if empty else ""))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-array-size", type=int, default=1001, help="cluster.max_array_size (default 1001)")
@@ -125,6 +151,11 @@ def main() -> int:
         for stage in shown["stages"]:
             for row in stage["tasks"]:
                 states[row["state"]] = states.get(row["state"], 0) + 1
+        html = run_dir.parent / "scale-report.html"
+        html_s, out = timed([*status_argv, "--html", str(html)], env)
+        if out.returncode != 0:
+            raise SystemExit(f"status --html failed ({out.returncode}): {out.stderr.strip()}")
+        drawn = browser_check(html)
         replan_s, replan = timed([sys.executable, "-m", "oel_hpc", *overrides, "launch.plan_only=true"], env)
 
         print(f"DAG: {ROUNDS} rounds x 5 stages; per round {SEEDS} extraction seeds and {CHECKPOINTS} evaluation "
@@ -147,6 +178,8 @@ def main() -> int:
               f"{'met' if median < 1 else 'NOT met'}); CPU time (user + system) median "
               f"{statistics.median(status_cpu):.3f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
               "cores; task states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+        print(f"HTML report (status --html, a subprocess): {html_s:.2f} s, {html.stat().st_size / 1e3:.0f} KB; "
+              f"in headless chromium: {drawn}")
         return 0 if median < 1 else 1
     finally:
         if job_ids:
