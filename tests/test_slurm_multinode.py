@@ -27,8 +27,9 @@ from tests.test_slurm_launch import _cluster_problem, all_job_ids, cancel, hydra
     wait_for_run, wait_until
 from tests.test_slurm_requeue import sacct_states
 
-STEPS = 8
-COMMON = ["wandb.mode=disabled", f"consolidate.steps={STEPS}", "consolidate.save_freq=1", "evaluate.steps=first_last"]
+STEPS = 6
+COMMON = ["wandb.mode=disabled", f"consolidate.steps={STEPS}", "consolidate.save_freq=1", "evaluate.steps=first_last",
+          "evaluate.games=2"]  # evaluation is not what these tests check: keep it short
 TWO_NODES = ["cluster.resources.consolidate.nodes=2", "cluster.resources.consolidate.tasks_per_node=1"]
 TRAINERS = {
     "ddp": ["trainer.parallel=ddp"],

@@ -6,17 +6,18 @@
 #   eval "$(tools/slurm/start.sh | tail -1)"  # sets SLURM_CONF in the calling shell
 #
 # Idempotent: installs the Debian packages if missing, (re)writes the configs, starts only the daemons that are
-# not running (pid file + /proc/<pid>/exe), waits for the node and a smoke job, and prints
+# not running (pid file + /proc/<pid>/exe), waits for the nodes and a smoke job on every node, and prints
 # `export SLURM_CONF=<state>/slurm.conf` as its last line on stdout (progress goes to stderr).
 # Everything lives in STATE_DIR; outside it only apt's packages and one marked /etc/hosts line that makes the node
 # names resolve (for MASTER_ADDR). Stop with tools/slurm/stop.sh.
 # Ports (override by env): OEL_SLURM_DB_PORT (MariaDB, 3316), OEL_SLURM_PORT (slurmctld; slurmdbd +2; node i's
-# slurmd +2+i; default 6817). Usage and pitfalls: tools/slurm/README.md.
+# slurmd +2+i; default 6817). OEL_SLURM_CLUSTER (oel) names the cluster and its nodes. A running cluster with
+# another node set is restarted (refused while it has jobs). Usage and pitfalls: tools/slurm/README.md.
 set -euo pipefail
 
 T0=$(date +%s.%N)
 STATE=${1:-${OEL_SLURM_STATE:-/tmp/oel-slurm}}
-case "$STATE" in -h|--help) sed -n '2,14p' "$0"; exit 0;; esac
+case "$STATE" in -h|--help) sed -n '2,15p' "$0"; exit 0;; esac
 mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd -P)
 DB_PORT=${OEL_SLURM_DB_PORT:-3316}

@@ -3,10 +3,10 @@
 #
 #   tools/slurm/stop.sh [--purge] [STATE_DIR]     (default: ${OEL_SLURM_STATE:-/tmp/oel-slurm})
 #
-# Cancels the jobs still queued or running, then stops every node's slurmd, slurmctld, slurmdbd, mariadbd and munged -- only
-# the processes named by the pid files in STATE_DIR whose /proc/<pid>/exe is the expected daemon (never by name)
-# -- waits until they are gone, and removes the cluster's marked /etc/hosts line. Idempotent. The state stays, so the next start is quick; --purge deletes
-# STATE_DIR (job ids then restart at 1).
+# Cancels the jobs still queued or running, then stops every node's slurmd, slurmctld, slurmdbd, mariadbd and
+# munged -- only the processes named by the pid files in STATE_DIR whose /proc/<pid>/exe is the expected daemon
+# (never by name) -- waits until they are gone, and removes the cluster's marked /etc/hosts line. Idempotent. The
+# state stays, so the next start is quick; --purge deletes STATE_DIR (job ids then restart at 1).
 set -euo pipefail
 
 PURGE=0
