@@ -147,6 +147,9 @@ def test_extraction_array_tasks_spread_over_the_nodes(tmp_path):
     stub.chmod(0o755)
     (tmp_path / "calls").mkdir()
     env = {**os.environ, "OEL_STUB_DIR": str(tmp_path / "calls"), "OEL_STUB_SLEEP": "3"}
+    # placement is only predictable on idle nodes: other jobs (another test's) leave the least loaded node elsewhere
+    wait_until(lambda: not subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True,
+                                          timeout=30).stdout.strip(), "an idle cluster", 300)
     root = tmp_path / "runs"
     run = root / "stubbed"
     out = oel(root, "wandb.mode=disabled", "run.name=stubbed", "extract.seeds=4", f"cluster.python={hydra_quoted(stub)}",
