@@ -27,14 +27,15 @@ from tests.test_slurm_launch import _cluster_problem, all_job_ids, cancel, hydra
     wait_for_run, wait_until
 from tests.test_slurm_requeue import sacct_states
 
-STEPS = 6
+STEPS = 8
 COMMON = ["wandb.mode=disabled", f"consolidate.steps={STEPS}", "consolidate.save_freq=1", "evaluate.steps=first_last",
           "evaluate.games=2"]  # evaluation is not what these tests check: keep it short
 TWO_NODES = ["cluster.resources.consolidate.nodes=2", "cluster.resources.consolidate.tasks_per_node=1"]
-TRAINERS = {
-    "ddp": ["trainer.parallel=ddp"],
+TRAINERS = {  # submitted in this order; the requeued one last, so that it is still early in its steps when the
+    # signal is sent (each submission takes seconds)
     "fsdp2": ["trainer.parallel=fsdp"],
     "megatron": ["trainer=megatron", "trainer.tp=1", "trainer.attention=sdpa"],  # 2 ranks: data parallel 2
+    "ddp": ["trainer.parallel=ddp"],
 }
 REQUEUED = "ddp"  # the run that is sent USR2 midway
 CONSOLIDATE = "round_1/consolidate"
@@ -115,7 +116,7 @@ def runs(tmp_path_factory):
         # the time-limit warning (what --signal=B:USR2@... sends to the batch shell) at a random step
         requeued = out[REQUEUED]
         metrics = requeued["run"] / CONSOLIDATE / "metrics.jsonl"
-        requeued["at_step"] = random.Random().randint(1, STEPS - 3)
+        requeued["at_step"] = random.Random().randint(1, STEPS - 4)
         wait_until(lambda: metrics.is_file() and len(read_jsonl(metrics)) >= requeued["at_step"],
                    f"step {requeued['at_step']} of the 2-node {REQUEUED} consolidation", 300)
         subprocess.run(["scancel", "--batch", "--signal=USR2", requeued["job"]], check=True, timeout=30)
