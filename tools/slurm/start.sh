@@ -123,7 +123,8 @@ for ((i = 1; i <= NODES; i++)); do
     node_lines+="NodeName=${NODE_NAMES[i-1]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$((CTLD_PORT + 2 + i)) ${hw}RealMemory=$mem State=UNKNOWN"$'\n'
 done
 # the node set of the config a running cluster was started with: slurmctld must restart when it changes
-old_nodes=$(sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$CONF" 2>/dev/null | paste -sd, -)
+old_nodes=
+[[ -f $CONF ]] && old_nodes=$(sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$CONF" | paste -sd, -)
 nodes_changed=0
 if [[ -n $old_nodes && $old_nodes != "$NODE_LIST" ]]; then
     nodes_changed=1
