@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# Start (or check) a real single-node Slurm cluster for tests: munged, MariaDB, slurmdbd, slurmctld, slurmd.
+# Start (or check) a real Slurm cluster for tests on this one machine: munged, MariaDB, slurmdbd, slurmctld, and
+# one slurmd per node (OEL_SLURM_NODES nodes, default 2, named <cluster>-n1, <cluster>-n2, ...).
 #
 #   tools/slurm/start.sh [STATE_DIR]          (default: ${OEL_SLURM_STATE:-/tmp/oel-slurm})
 #   eval "$(tools/slurm/start.sh | tail -1)"  # sets SLURM_CONF in the calling shell
 #
 # Idempotent: installs the Debian packages if missing, (re)writes the configs, starts only the daemons that are
-# not running (pid file + /proc/<pid>/exe), waits for the node and a smoke job, and prints
+# not running (pid file + /proc/<pid>/exe), waits for the nodes and a smoke job on every node, and prints
 # `export SLURM_CONF=<state>/slurm.conf` as its last line on stdout (progress goes to stderr).
-# Everything lives in STATE_DIR; nothing is written to /etc except by apt. Stop with tools/slurm/stop.sh.
-# Ports (override by env): OEL_SLURM_DB_PORT (MariaDB, 3316), OEL_SLURM_PORT (slurmctld; slurmd +1, slurmdbd +2;
-# default 6817). Usage and pitfalls: tools/slurm/README.md.
+# Everything lives in STATE_DIR; outside it only apt's packages and one marked /etc/hosts line that makes the node
+# names resolve (for MASTER_ADDR). Stop with tools/slurm/stop.sh.
+# Ports (override by env): OEL_SLURM_DB_PORT (MariaDB, 3316), OEL_SLURM_PORT (slurmctld; slurmdbd +2; node i's
+# slurmd +2+i; default 6817). OEL_SLURM_CLUSTER (oel) names the cluster and its nodes. A running cluster with
+# another node set is restarted (refused while it has jobs). Usage and pitfalls: tools/slurm/README.md.
 set -euo pipefail
 
 T0=$(date +%s.%N)
 STATE=${1:-${OEL_SLURM_STATE:-/tmp/oel-slurm}}
-case "$STATE" in -h|--help) sed -n '2,12p' "$0"; exit 0;; esac
+case "$STATE" in -h|--help) sed -n '2,15p' "$0"; exit 0;; esac
 mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd -P)
 DB_PORT=${OEL_SLURM_DB_PORT:-3316}
 CTLD_PORT=${OEL_SLURM_PORT:-6817}
-SLURMD_PORT=$((CTLD_PORT + 1))
 DBD_PORT=$((CTLD_PORT + 2))
 CLUSTER=${OEL_SLURM_CLUSTER:-oel}
+NODES=${OEL_SLURM_NODES:-2}
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 
 . "$(dirname "$0")/lib.sh"
@@ -40,6 +43,12 @@ die() {
     exit 1
 }
 [[ $(id -u) == 0 ]] || die start.sh "" "must run as root (the daemons run as root/munge/mysql)"
+# the cluster's ports are P..P+9: slurmctld P, slurmdbd P+2, node i's slurmd P+2+i (i = 1..7)
+[[ $NODES =~ ^[1-7]$ ]] || die start.sh "" "OEL_SLURM_NODES=$NODES: must be 1 to 7 (node i's slurmd listens on OEL_SLURM_PORT+2+i)"
+[[ $CLUSTER =~ ^[a-z][a-z0-9]*$ ]] || die start.sh "" "OEL_SLURM_CLUSTER=$CLUSTER: lower-case letters and digits only (it names the nodes, which must be host names)"
+NODE_NAMES=()
+for ((i = 1; i <= NODES; i++)); do NODE_NAMES+=("$CLUSTER-n$i"); done
+NODE_LIST=$(IFS=,; echo "${NODE_NAMES[*]}")
 
 # ---------------------------------------------------------------------------------------------- packages
 missing=()
@@ -82,7 +91,8 @@ while [[ $d != / ]]; do
     [[ $(stat -c %A "$d") == *x ]] || [[ $(stat -c %A "$d") == *t ]] \
         || die start.sh "" "$d is not searchable by other users (munge, mysql): choose a STATE_DIR elsewhere"
 done
-install -d -m 755 "$STATE" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool" "$STATE/spool/slurmd"
+install -d -m 755 "$STATE" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool"
+for n in "${NODE_NAMES[@]}"; do install -d -m 755 "$STATE/spool/$n"; done
 install -d -m 711 -o munge -g munge "$MUNGE_DIR"
 install -d -m 750 -o mysql -g mysql "$DB_DIR" "$DB_DIR/log"
 # mysql-owned folder, but the munge and slurm daemons must pass through STATE itself: keep it 755.
@@ -105,6 +115,25 @@ mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node_hw")
 hw=$(tr ' ' '\n' <<<"$node_hw" | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=' | tr '\n' ' ')
 [[ -n $mem && -n $hw ]] || die slurmd "" "cannot parse 'slurmd -C': $node_hw"
 mem=$((mem * 95 / 100))
+# Every node declares the whole machine (its CPUs and memory): the nodes share the same cores, oversubscribed N
+# times -- a cluster for correctness, not speed. So a job that fitted the one-node cluster (1 node x 2 tasks on a
+# 2-core machine) fits any node, and slurmd finds the hardware it declares (else it drains the node).
+node_lines=
+for ((i = 1; i <= NODES; i++)); do
+    node_lines+="NodeName=${NODE_NAMES[i-1]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$((CTLD_PORT + 2 + i)) ${hw}RealMemory=$mem State=UNKNOWN"$'\n'
+done
+# the node set of the config a running cluster was started with: slurmctld must restart when it changes
+old_nodes=
+[[ -f $CONF ]] && old_nodes=$(sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$CONF" | paste -sd, -)
+nodes_changed=0
+if [[ -n $old_nodes && $old_nodes != "$NODE_LIST" ]]; then
+    nodes_changed=1
+    # slurmctld and every slurmd restart with the new node set: refuse while jobs could be lost
+    if running "$RUN/slurmctld.pid" /usr/sbin/slurmctld >/dev/null \
+        && [[ -n $(squeue -h -o %A 2>/dev/null) ]]; then
+        die start.sh "" "the running cluster in $STATE has nodes $old_nodes, not $NODE_LIST, and jobs in its queue: stop it first (tools/slurm/stop.sh $STATE)"
+    fi
+fi
 
 # write_if_changed FILE MODE: stdin -> FILE, only when the content differs; returns 0 when it changed.
 write_if_changed() {
@@ -123,18 +152,18 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
 # cred_expire: a requeued job may start again only once its old credential expired (default 120 s); short here
 # so preemption tests need not wait two minutes
 AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool/slurmd
+# %n = the node name: one spool, pid file and log per slurmd (all on this machine)
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd.%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # no cgroups, no systemd
@@ -148,7 +177,8 @@ ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+# CR_LLN: a job goes to the least loaded node, so an array's tasks spread over the nodes (rather than filling n1)
+SelectTypeParameters=CR_Core,CR_LLN
 # jobs: arrays up to index 10000, requeue, quick kill, preemption by partition tier (job is requeued; its
 # --signal is sent at preemption time)
 MaxArraySize=10001
@@ -165,9 +195,8 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$MUNGE_SOCK
 JobCompType=jobcomp/none
-NodeName=$NODE NodeAddr=127.0.0.1 ${hw}RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=10
-PartitionName=high Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+${node_lines}PartitionName=debug Nodes=$NODE_LIST Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=10
+PartitionName=high Nodes=$NODE_LIST MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 
 write_if_changed "$DBD_CONF" 600 <<EOF || true
@@ -270,6 +299,19 @@ if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER
         || die slurmdbd "$LOG/slurmdbd.log" "sacctmgr add cluster $CLUSTER failed (see $LOG/sacctmgr.log)"
 fi
 
+# A new node set (OEL_SLURM_NODES changed, or a state folder of the one-node start.sh): slurmctld cannot add or
+# remove nodes on `scontrol reconfigure`, and the old slurmd (run/slurmd.pid) has the old name; restart them all.
+if ((nodes_changed)); then
+    say "nodes $old_nodes -> $NODE_LIST: restarting slurmctld and the slurmd daemons"
+    for pidfile in "$RUN"/slurmd.pid "$RUN"/slurmd.*.pid; do
+        if pid=$(running "$pidfile" "$SLURMD"); then stop_pid slurmd "$pid" "$(readlink -f "$SLURMD")" || true; fi
+        rm -f "$pidfile"
+    done
+    if pid=$(running "$RUN/slurmctld.pid" "$SLURMCTLD"); then
+        stop_pid slurmctld "$pid" "$(readlink -f "$SLURMCTLD")" || die slurmctld "$LOG/slurmctld.log" "would not stop"
+    fi
+fi
+
 # slurmctld
 if pid=$(running "$RUN/slurmctld.pid" "$SLURMCTLD"); then
     say "slurmctld running (pid $pid)"
@@ -285,34 +327,47 @@ fi
 wait_for 60 slurmctld "$LOG/slurmctld.log" "$RUN/slurmctld.pid" "$SLURMCTLD" "scontrol ping" \
     bash -c 'scontrol ping | grep -q "is UP"'
 
-# slurmd
-if pid=$(running "$RUN/slurmd.pid" "$SLURMD"); then
-    say "slurmd running (pid $pid)"
-else
-    rm -f "$RUN/slurmd.pid"
-    "$SLURMD" -N "$NODE" </dev/null >>"$LOG/slurmd.out" 2>&1 9>&- || die slurmd "$LOG/slurmd.log" "failed to start"
-    started+=(slurmd)
-fi
-node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -1; }
-node_up() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+# the node names resolve to this machine (MASTER_ADDR of a multi-node job is its first node's name)
+hosts_set "$STATE" "${NODE_NAMES[@]}" || die start.sh "" "cannot write the node names into $HOSTS_FILE"
+for n in "${NODE_NAMES[@]}"; do
+    getent hosts "$n" >/dev/null || die start.sh "" "node name $n does not resolve after adding it to $HOSTS_FILE"
+done
+
+# one slurmd per node: `slurmd -N <node>` takes that node's Port=, spool, pid file and log (%n)
+for n in "${NODE_NAMES[@]}"; do
+    if pid=$(running "$RUN/slurmd.$n.pid" "$SLURMD"); then
+        say "slurmd $n running (pid $pid)"
+    else
+        rm -f "$RUN/slurmd.$n.pid"
+        "$SLURMD" -N "$n" </dev/null >>"$LOG/slurmd.$n.out" 2>&1 9>&- \
+            || die "slurmd $n" "$LOG/slurmd.$n.log" "failed to start"
+        started+=("slurmd:$n")
+    fi
+done
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -1; }
 t_node=$(date +%s)
 end=$(( t_node + 60 ))
-while ! node_up; do
-    st=$(node_state)
-    if [[ -z ${resumed:-} && $st =~ drain|down|fail ]] && running "$RUN/slurmd.pid" "$SLURMD" >/dev/null; then
-        reason=$(sinfo -h -N -n "$NODE" -o %E 2>/dev/null | head -1)
-        say "node $NODE is $st (reason: ${reason:-none}); resuming it"
-        scontrol update NodeName="$NODE" State=RESUME >&2 || true
-        resumed=1
-    fi
-    running "$RUN/slurmd.pid" "$SLURMD" >/dev/null || (( $(date +%s) <= t_node + 5 )) \
-        || die slurmd "$LOG/slurmd.log" "exited before the node came up (node state: $st)"
-    (( $(date +%s) < end )) || die slurmd "$LOG/slurmd.log" "node $NODE not up after 60s (state: ${st:-?})"
-    sleep 0.2
+resumed=" "
+for n in "${NODE_NAMES[@]}"; do
+    while ! [[ $(node_state "$n") =~ ^(idle|mixed|allocated|completing)$ ]]; do
+        st=$(node_state "$n")
+        if [[ $resumed != *" $n "* && $st =~ drain|down|fail ]] && running "$RUN/slurmd.$n.pid" "$SLURMD" >/dev/null; then
+            reason=$(sinfo -h -N -n "$n" -o %E 2>/dev/null | head -1)
+            say "node $n is $st (reason: ${reason:-none}); resuming it"
+            scontrol update NodeName="$n" State=RESUME >&2 || true
+            resumed+="$n "
+        fi
+        running "$RUN/slurmd.$n.pid" "$SLURMD" >/dev/null || (( $(date +%s) <= t_node + 5 )) \
+            || die "slurmd $n" "$LOG/slurmd.$n.log" "exited before the node came up (node state: $st)"
+        (( $(date +%s) < end )) || die "slurmd $n" "$LOG/slurmd.$n.log" "node $n not up after 60s (state: ${st:-?})"
+        sleep 0.2
+    done
 done
 
 # ---------------------------------------------------------------------------------------------- smoke job
-jid=$(sbatch --parsable -J oel-smoke -o /dev/null -e /dev/null --chdir="$STATE" -t 1 --wrap true 2>&1) \
+# on every node: a job step on each (srun), so each slurmd has started a task
+jid=$(sbatch --parsable -J oel-smoke -o /dev/null -e /dev/null --chdir="$STATE" -t 1 --nodes="$NODES" \
+    --ntasks-per-node=1 --wrap "srun true" 2>&1) \
     || die slurmctld "$LOG/slurmctld.log" "sbatch of the smoke job failed: $jid"
 jid=${jid%%;*}
 end=$(( $(date +%s) + 60 ))
@@ -333,5 +388,5 @@ until [[ $(sacct -X -n -P -j "$jid" --format=State 2>/dev/null | head -1) == COM
     sleep 0.2
 done
 
-say "cluster $CLUSTER up in $(elapsed)s (started: ${started[*]:-none}; smoke job $jid COMPLETED; state $STATE)"
+say "cluster $CLUSTER ($NODES nodes: $NODE_LIST) up in $(elapsed)s (started: ${started[*]:-none}; smoke job $jid COMPLETED; state $STATE)"
 echo "export SLURM_CONF=$CONF"

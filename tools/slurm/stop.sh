@@ -3,10 +3,10 @@
 #
 #   tools/slurm/stop.sh [--purge] [STATE_DIR]     (default: ${OEL_SLURM_STATE:-/tmp/oel-slurm})
 #
-# Cancels the jobs still queued or running, then stops slurmd, slurmctld, slurmdbd, mariadbd and munged -- only
-# the processes named by the pid files in STATE_DIR whose /proc/<pid>/exe is the expected daemon (never by name)
-# -- and waits until they are gone. Idempotent. The state stays, so the next start is quick; --purge deletes
-# STATE_DIR (job ids then restart at 1).
+# Cancels the jobs still queued or running, then stops every node's slurmd, slurmctld, slurmdbd, mariadbd and
+# munged -- only the processes named by the pid files in STATE_DIR whose /proc/<pid>/exe is the expected daemon
+# (never by name) -- waits until they are gone, and removes the cluster's marked /etc/hosts line. Idempotent. The
+# state stays, so the next start is quick; --purge deletes STATE_DIR (job ids then restart at 1).
 set -euo pipefail
 
 PURGE=0
@@ -38,20 +38,6 @@ RUN=$STATE/run
 exec 9>>"$STATE/.lock"
 flock -w 120 9 || { say "ERROR: another start/stop holds $STATE/.lock"; exit 1; }
 
-# stop_pid NAME PID EXE: SIGTERM, wait up to 30 s (zombies count as gone), then SIGKILL.
-stop_pid() {
-    local name=$1 pid=$2 exe=$3 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 300; i++)); do
-        alive "$pid" "$exe" || { say "stopped $name (pid $pid)"; return 0; }
-        sleep 0.1
-    done
-    say "$name (pid $pid) ignored SIGTERM for 30 s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do alive "$pid" "$exe" || return 0; sleep 0.1; done
-    say "WARNING: $name (pid $pid) is still there"
-    return 1
-}
 # our_stepds: slurmstepd processes of this cluster (they inherit SLURM_CONF=<state>/slurm.conf from our slurmd).
 STEPD=$(readlink -f /usr/sbin/slurmstepd 2>/dev/null || echo /usr/sbin/slurmstepd)
 our_stepds() {
@@ -79,21 +65,29 @@ if pid=$(running "$RUN/slurmctld.pid" /usr/sbin/slurmctld) && scontrol ping 2>/d
     fi
 fi
 
-for spec in "slurmd:$RUN/slurmd.pid:/usr/sbin/slurmd" \
+# every node's slurmd (run/slurmd.<node>.pid; run/slurmd.pid: a state folder of the one-node start.sh)
+slurmds=()
+for pidfile in "$RUN"/slurmd.pid "$RUN"/slurmd.*.pid; do
+    [[ -e $pidfile ]] && slurmds+=("slurmd:$pidfile:/usr/sbin/slurmd")
+done
+for spec in "${slurmds[@]}" "slurmd-steps::" \
             "slurmctld:$RUN/slurmctld.pid:/usr/sbin/slurmctld" \
             "slurmdbd:$RUN/slurmdbd.pid:/usr/sbin/slurmdbd" \
             "mariadbd:$STATE/mysql/mysqld.pid:/usr/sbin/mariadbd" \
             "munged:$STATE/munge/munged.pid:/usr/sbin/munged"; do
     IFS=: read -r name pidfile exe <<<"$spec"
+    # slurmd's job steps, after every slurmd: left over only if a job could not be cancelled above
+    if [[ $name == slurmd-steps ]]; then
+        for pid in $(our_stepds); do stop_pid slurmstepd "$pid" "$STEPD" || rc=1; done
+        continue
+    fi
     exe=$(readlink -f "$exe")
     if pid=$(running "$pidfile" "$exe"); then
         stop_pid "$name" "$pid" "$exe" || rc=1
     fi
-    # slurmd's job steps: left over only if a job could not be cancelled above
-    if [[ $name == slurmd ]]; then
-        for pid in $(our_stepds); do stop_pid slurmstepd "$pid" "$STEPD" || rc=1; done
-    fi
 done
+# the node names' /etc/hosts line (start.sh writes it again)
+hosts_set "$STATE" || { say "WARNING: could not remove this cluster's line from $HOSTS_FILE"; rc=1; }
 
 if ((PURGE)); then
     ((rc == 0)) || { say "ERROR: not purging $STATE: some daemon is still running"; exit 1; }
