@@ -222,6 +222,10 @@ def _task_row(stage: dict, task: Optional[int], jobs: list, sacct: dict, squeue:
             row["slurm_state"] = slurm["state"]
             row["name"] = slurm.get("name")
             row.update({k: slurm.get(k) for k in ("submit", "time_left_s", "expected_start", "restarts")})
+            if phase(slurm["state"]) != RUNNING:  # squeue keeps a finished job a while, with its time limit left
+                row["time_left_s"] = None
+            if phase(slurm["state"]) != PENDING:
+                row["expected_start"] = None
         else:
             row["slurm_state"] = "?"
             if task is not None:
