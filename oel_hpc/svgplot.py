@@ -144,7 +144,9 @@ def timeline(plot_id: str, title: str, bars: Sequence[dict], width: int = 900) -
     bars = [b for b in bars if b.get("start") is not None or b.get("submit") is not None]
     row_h = 16 if len(bars) <= 60 else 6
     height = TOP + BOTTOM + max(1, len(bars)) * row_h
-    left = 150 if row_h > 6 else 40
+    # labels at font-size 10 take about 6 px a character: a sweep's run names are long
+    left = min(max(150, 8 + 6 * max((len(str(b["label"])) for b in bars), default=0)), width // 2) \
+        if row_h > 6 else 40
     out = _frame(plot_id, title, "minutes since the first submission / start", "", width, height)
     if not bars:
         out.append(f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle" font-size="13" '
