@@ -277,12 +277,20 @@ def sweep_main(sweep, show: Optional[str], resolve: bool) -> int:
     check_sweep_folder(folder, name)
     checked = _check_points(sweep, cfgs, folder, submits=mode == "slurm" and not render_only
                              and not cfgs[0].launch.plan_only)
-    if cfgs[0].launch.plan_only:  # every point's plan; nothing written, not even the sweep record
-        from oel_hpc.launch.plan import plan_only
+    if cfgs[0].launch.plan_only:  # every point's plan and the sweep's total; nothing written, not even the record
+        from oel_hpc.launch.plan import format_plan, make_plan
+        from oel_hpc.slurm import Slurm
 
+        calls, gpu_h, cpu_h = 0, 0.0, 0.0
         for point, cfg, paths, nodes in checked:
+            plan = make_plan(cfg, paths, nodes, None if cfg.launch.render_only else Slurm())
             print(f"== sweep '{name}' point {cfg.run.name}")
-            print(plan_only(cfg, paths, nodes))
+            print(format_plan(cfg, paths, plan))
+            calls += len(plan.jobs)
+            for job in plan.jobs:
+                gpu_h, cpu_h = gpu_h + job.hours()[0], cpu_h + job.hours()[1]
+        print(f"Sweep '{name}': {len(checked)} points, {calls} sbatch calls, at most {gpu_h:,.1f} GPU-hours and "
+              f"{cpu_h:,.1f} CPU-hours in all (every task at its time limit)")
         return 0
     argv = ["python", "-m", PROG, *sys.argv[1:]]
     # each point's own command line: `python -m oel_hpc <overrides>` reruns that point alone

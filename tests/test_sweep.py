@@ -257,6 +257,21 @@ def test_render_only_renders_every_point(tmp_path):
     assert "s/lr-1e-06" in out.stdout and "s/lr-3e-06" in out.stdout
 
 
+def test_plan_of_a_sweep_prints_every_point_and_the_total_and_writes_nothing(tmp_path):
+    out = oel("-m", f"run.root={tmp_path}", "run.name=s", "cluster=local_slurm", "launch.plan_only=true",
+              "extract.seeds=2,3", "cluster.resources.extract.time_min=30")
+    assert out.returncode == 0, out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("== sweep")] == [
+        "== sweep 's' point s/seeds-2", "== sweep 's' point s/seeds-3"]
+    # extraction: (2 + 3) tasks x 1 node x 1 task x 1 CPU x 30 min; the other stages as in each point's own plan
+    per_point = [float(m) for m in re.findall(r"^  total .* ([\d.]+) CPU-hours", out.stdout, re.M)]
+    assert len(per_point) == 2 and per_point[1] - per_point[0] == pytest.approx(0.5, abs=0.051)
+    total = re.search(r"^Sweep 's': 2 points, 10 sbatch calls, at most 0\.0 GPU-hours and ([\d.]+) CPU-hours",
+                      out.stdout, re.M)
+    assert total and float(total[1]) == pytest.approx(sum(per_point), abs=0.051), out.stdout[-500:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_without_sbatch_nothing_is_written(tmp_path):
     import shutil
 
