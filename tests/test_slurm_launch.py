@@ -202,7 +202,9 @@ def test_at_most_six_sbatch_calls_per_round(e2e):
         per_round[round_of(call)] = per_round.get(round_of(call), 0) + 1
     assert per_round == {1: 5, 2: 5}
     extract = [c for c in calls if c[-1].endswith("r1_extract.sbatch")]
-    assert extract == [["--parsable", "--array=0-1", str(e2e["run"] / "slurm" / "r1_extract.sbatch")]]
+    # every array is told its index offset (0: not split), so no job inherits a stale OEL_TASK_OFFSET
+    assert extract == [["--parsable", "--array=0-1", "--export=ALL,OEL_TASK_OFFSET=0",
+                        str(e2e["run"] / "slurm" / "r1_extract.sbatch")]]
     # the launcher submits exactly the scripts in the run directory
     assert all(Path(c[-1]).parent == e2e["run"] / "slurm" for c in calls)
 
