@@ -54,7 +54,7 @@ def step_worker(overrides: list[str], out: str, rank: int = 0, world: int = 1, s
         fake_cuda.resolve_as_on_gpu()
     trainer = build_trainer(cfg, TINY, d)
     run = SimpleNamespace(trainer=trainer, engine=SimpleNamespace(pad_token_id=0), cfg=cfg, d=d, r=1,
-                          metrics=SimpleNamespace(close=lambda: None), loss_args=lambda: LOSS_ARGS)
+                          metrics=SimpleNamespace(close=lambda failed=False: None), loss_args=lambda: LOSS_ARGS)
     student_loss, teacher_hidden = trainer.student_loss, trainer.teacher_hidden
     result = {"reasons": [], "unchanged": [], "norms": []}
     for step in (1, 2, 3, 4):
@@ -273,7 +273,7 @@ def _counting_run(limit: int):
     paths = SimpleNamespace(metrics=lambda r: Path(f"/runs/x/round_{r}/consolidate/metrics.jsonl"),
                             display=lambda p: str(p))
     return SimpleNamespace(r=1, cfg=compose([f"consolidate.max_skipped_in_a_row={limit}"]), paths=paths,
-                           metrics=SimpleNamespace(close=lambda: None), skipped_in_a_row=[])
+                           metrics=SimpleNamespace(close=lambda failed=False: None), skipped_in_a_row=[])
 
 
 def test_only_skips_in_a_row_count():
