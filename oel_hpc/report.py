@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from oel_hpc import experience as exp
-from oel_hpc import svgplot
+from oel_hpc import svgplot, taskprogress
 from oel_hpc.rundir import RunPaths, write_text_atomic
 from oel_hpc.taskprogress import fmt_seconds
 
@@ -42,15 +42,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         text = path.read_text()
     except OSError:
         return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return taskprogress.json_rows(text.splitlines())
 
 
 def _config(paths: RunPaths) -> dict:

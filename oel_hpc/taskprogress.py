@@ -35,8 +35,13 @@ def tail_lines(path: Path, max_bytes: int = TAIL_BYTES) -> list[str]:
 
 def tail_rows(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict]:
     """The JSON object rows among the file's last lines (a line that does not read as one is left out)."""
+    return json_rows(tail_lines(path, max_bytes))
+
+
+def json_rows(lines) -> list[dict]:
+    """The lines that read as JSON objects (a record being rewritten, or cut by a tail, may have one that does not)."""
     rows = []
-    for line in tail_lines(path, max_bytes):
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
