@@ -88,15 +88,12 @@ def run(cfg: DictConfig) -> None:
         raise AssertionError("the local launcher got a Slurm run")
     from oel_hpc.launch.guard import check_run_dir
     from oel_hpc.launch.local import run_local
-    from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import config_hash
+    from oel_hpc.pipeline import build_dag, run_hash
     from oel_hpc.summary import summary
 
     paths = check_run_dir(cfg)  # before anything is written
     nodes = build_dag(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
-    ran = run_local(cfg, paths, nodes, run_hash)
+    ran = run_local(cfg, paths, nodes, run_hash(cfg))
     if ran == 0:
         print(f"Nothing to do: every stage of run '{cfg.run.name}' is already done ({paths.root}). "
               "Pick another run.name for a new run.")
@@ -200,8 +197,7 @@ def compose_config(argv: list[str]) -> DictConfig:
 
 def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     from oel_hpc.launch import guard, slurm
-    from oel_hpc.pipeline import build_dag, plan
-    from oel_hpc.rundir import config_hash
+    from oel_hpc.pipeline import build_dag, plan, run_hash
 
     if show == "job":
         print(OmegaConf.to_yaml(cfg, resolve=resolve), end="")
@@ -227,9 +223,7 @@ def slurm_main(cfg: DictConfig, show: Optional[str], resolve: bool) -> int:
     # (render_only neither: its scripts may be meant for another host)
     if cfg.launch.check_python and plan(paths, nodes, cfg.run.overwrite):
         guard.check_job_python(cfg, paths.root)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
-    report = slurm.submit(cfg, paths, nodes, run_hash)
+    report = slurm.submit(cfg, paths, nodes, run_hash(cfg))
     print(slurm.format_report(cfg, report))
     return 0
 
@@ -373,17 +367,15 @@ def _check_points(sweep, cfgs: list[DictConfig], folder: Path, submits: bool) ->
 def _submit_points(name: str, folder: Path, checked: list[tuple]) -> None:
     """Each point's DAG in turn (the launcher's resume: only what is neither done nor queued); one line each."""
     from oel_hpc.launch import slurm
-    from oel_hpc.rundir import config_hash
+    from oel_hpc.pipeline import run_hash
 
     if checked[0][1].cluster.name == "local":
         logger.warning("cluster=local has no Slurm resources (1 node, no GPU, 60 min per job): pick a preset such "
                        "as cluster=local_slurm, a100, h100 or b200")
     lines = []
     for point, cfg, paths, nodes in checked:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        run_hash = config_hash({k: v for k, v in resolved.items() if k != "run"})
         try:
-            report = slurm.submit(cfg, paths, nodes, run_hash)
+            report = slurm.submit(cfg, paths, nodes, run_hash(cfg))
         except Exception:  # the points before it stay queued: say which
             print("\n".join([f"Sweep '{name}' ({folder}), stopped at point {cfg.run.name}:", *lines]), flush=True)
             raise

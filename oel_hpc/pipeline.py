@@ -91,6 +91,12 @@ def _section(cfg: DictConfig, key: str):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
+def run_hash(cfg: DictConfig) -> str:
+    """The manifest's config hash: the whole resolved config but `run` (where and under which name it runs)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return config_hash({k: v for k, v in resolved.items() if k != "run"})
+
+
 def build_dag(cfg: DictConfig) -> list[Node]:
     """All nodes in an order where every node comes after its dependencies."""
     nodes: list[Node] = []

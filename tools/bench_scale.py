@@ -55,13 +55,10 @@ def timed(argv: list[str], env: dict, cpu: list | None = None) -> tuple[float, s
 
 def submit_in_process(overrides: list[str]):
     """The launcher's submit(), with every sbatch call timed; (report, seconds per call, submit seconds)."""
-    from omegaconf import OmegaConf
-
     from oel_hpc.__main__ import compose_config
     from oel_hpc.config import validate
     from oel_hpc.launch import guard, slurm
-    from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import config_hash
+    from oel_hpc.pipeline import build_dag, run_hash
     from oel_hpc.slurm import Slurm
 
     class TimedSlurm(Slurm):
@@ -79,11 +76,10 @@ def submit_in_process(overrides: list[str]):
     cfg = compose_config(overrides)
     validate(cfg, check_files=False)
     nodes = build_dag(cfg)
-    run_hash = config_hash({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "run"})
     paths = guard.check_run_dir(cfg)
     client = TimedSlurm()
     t0 = time.perf_counter()
-    report = slurm.submit(cfg, paths, nodes, run_hash, client)
+    report = slurm.submit(cfg, paths, nodes, run_hash(cfg), client)
     return report, client.seconds, time.perf_counter() - t0, paths.root
 
 

@@ -86,23 +86,19 @@ def cancel(job_ids: list[str]) -> None:
 
 def in_process(root: Path) -> tuple[dict, list[str]]:
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from oel_hpc.config import CONF_DIR, validate
     from oel_hpc.launch import guard, slurm
-    from oel_hpc.pipeline import build_dag
-    from oel_hpc.rundir import config_hash
+    from oel_hpc.pipeline import build_dag, run_hash
     from oel_hpc.slurm import Slurm
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*OVERRIDES, f"run.root={root}", "run.name=bench-inproc"])
     validate(cfg, check_files=False)
     nodes = build_dag(cfg)
-    run_hash = config_hash({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "run"})
     paths = guard.check_run_dir(cfg)
     client = Slurm()
     t0 = time.perf_counter()
-    report = slurm.submit(cfg, paths, nodes, run_hash, client)
+    report = slurm.submit(cfg, paths, nodes, run_hash(cfg), client)
     seconds = time.perf_counter() - t0
     ids = [s.job_id for s in report.submitted]
     extract = next(s for s in report.submitted if s.node.id == "r1/extract")
