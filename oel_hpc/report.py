@@ -45,15 +45,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return taskprogress.json_rows(text.splitlines())
 
 
-def _config(paths: RunPaths) -> dict:
-    try:
-        import yaml
-        loaded = yaml.safe_load(paths.config.read_text())
-        return loaded if isinstance(loaded, dict) else {}
-    except Exception:  # noqa: BLE001 - no config: the defaults below
-        return {}
-
-
 def _rounds(report: dict) -> list[int]:
     return sorted({int(s["round"]) for s in report["stages"] if isinstance(s.get("round"), int)})
 
@@ -222,7 +213,7 @@ def build(reports: list[dict], sweep: Optional[dict] = None) -> str:
     runs = []
     for report in reports:
         paths = RunPaths(Path(report["run_dir"]))
-        runs.append((report, paths, _config(paths)))
+        runs.append((report, paths, taskprogress.run_config(paths.config)))
 
     plots: dict[str, list] = {k: [] for k in ("before_after", "kl", "student_entropy", "teacher_entropy",
                                               "grad_norm", "items", "size", "heldout")}

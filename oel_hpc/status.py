@@ -353,13 +353,7 @@ class _Config:
 
     def __call__(self) -> dict:
         if self.value is None:
-            self.value = {}
-            try:
-                import yaml  # only here: the dashboard starts without it
-                loaded = yaml.safe_load(self.paths.config.read_text())
-                self.value = loaded if isinstance(loaded, dict) else {}
-            except Exception:  # noqa: BLE001 - unreadable or not YAML: no total, so no ETA (never a wrong one)
-                self.value = {}
+            self.value = taskprogress.run_config(self.paths.config)
         return self.value
 
 

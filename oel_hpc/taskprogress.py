@@ -33,6 +33,18 @@ def tail_lines(path: Path, max_bytes: int = TAIL_BYTES) -> list[str]:
     return lines
 
 
+def run_config(config_file: Path) -> dict:
+    """A run's config.yaml as plain data; {} when it cannot be read (no totals then, so no ETA: never a wrong
+    one). yaml is imported only here: the dashboard starts without it."""
+    try:
+        import yaml
+
+        loaded = yaml.safe_load(config_file.read_text())
+        return loaded if isinstance(loaded, dict) else {}
+    except Exception:  # noqa: BLE001 - unreadable or not YAML
+        return {}
+
+
 def tail_rows(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict]:
     """The JSON object rows among the file's last lines (a line that does not read as one is left out)."""
     return json_rows(tail_lines(path, max_bytes))
